@@ -1,0 +1,42 @@
+"""`repa <verb> ...`: the command line.
+
+Each verb lives in `repa/commands/<verb>.py` with two functions:
+  add_arguments(parser)  declares its flags;
+  run(args) -> int       translates them into typed configs and calls the library.
+Verb modules are imported lazily so that `repa --help` does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb -> (module under repa.commands, one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "flops": ("flops", "parameters and forward GFLOPs of models and tokenizers"),
+    "demo": ("demo", "the whole research loop at toy scale on a CPU, offline"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="repa", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="verb", metavar="VERB")
+    subparsers.required = True
+    for verb, (module_name, help_text) in VERBS.items():
+        module = importlib.import_module(f"repa.commands.{module_name}")
+        verb_parser = subparsers.add_parser(verb, help=help_text, description=help_text)
+        module.add_arguments(verb_parser)
+        verb_parser.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
