@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # verb -> (module under repa.commands, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
     "flops": ("flops", "parameters and forward GFLOPs of models and tokenizers"),
-    "demo": ("demo", "the whole research loop at toy scale on a CPU, offline"),
 }
 
 
@@ -35,7 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, FileNotFoundError) as error:
+        # Bad flags, files or weights: say what is wrong without a traceback (REPA_DEBUG=1 shows it).
+        if os.environ.get("REPA_DEBUG"):
+            raise
+        print(f"repa {args.verb}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

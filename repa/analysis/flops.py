@@ -1,0 +1,72 @@
+"""Parameter and FLOP counting.
+
+Convention: one multiply-add is one FLOP, as in the DiT paper (and fvcore, which it used), so
+figures compare directly with published tables. Attention's two matrix products are included.
+Counting runs torch's FlopCounterMode; attention is forced onto the "math" SDPA kernel, whose
+matrix products the counter sees (the fused CPU kernel is invisible to it). Build models on the
+`meta` device to count without allocating or computing anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_flops(fn: Callable, *args, **kwargs) -> int:
+    """Multiply-adds of one call fn(*args, **kwargs) (no gradients)."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        fn(*args, **kwargs)
+    # FlopCounterMode counts a multiply-add as two FLOPs.
+    return counter.get_total_flops() // 2
+
+
+def count_parameters(module: nn.Module) -> int:
+    """All parameters, trainable or not (the fixed position embedding included, as DiT counts)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+@dataclass
+class ModelCost:
+    name: str
+    resolution: int
+    latent_size: int
+    parameters: int
+    flops: int  # multiply-adds of one forward pass for one image
+    adaln_parameters: int  # parameters in adaLN modulation layers (blocks and final layer)
+
+    @property
+    def adaln_share(self) -> float:
+        return self.adaln_parameters / self.parameters
+
+
+def model_cost(
+    name: str, resolution: int = 256, latent_downsample: int = 8, latent_channels: int = 4, **overrides
+) -> ModelCost:
+    """Parameters and forward FLOPs of a registered diffusion model for images of `resolution`.
+
+    The model is built on the meta device, so even XL sizes cost nothing to count.
+    """
+    from repa.models import create_model
+
+    if resolution % latent_downsample:
+        raise ValueError(
+            f"resolution {resolution} is not divisible by the latent downsampling {latent_downsample}"
+        )
+    latent_size = resolution // latent_downsample
+    with torch.device("meta"):
+        model = create_model(name, input_size=latent_size, in_channels=latent_channels, **overrides).eval()
+        latents = torch.zeros(1, latent_channels, latent_size, latent_size)
+        t = torch.zeros(1)
+        labels = torch.zeros(1, dtype=torch.long)
+    flops = count_flops(model.velocity, latents, t, labels)
+    adaln = sum(
+        p.numel() for module_name, p in model.named_parameters() if ".adaLN_modulation." in f".{module_name}"
+    )
+    return ModelCost(name, resolution, latent_size, count_parameters(model), flops, adaln)
