@@ -15,7 +15,10 @@ import sys
 
 # verb -> (module under repa.commands, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
+    "data": ("data", "build, verify and inspect webdataset shards; synthetic demo images"),
+    "train": ("train", "train SiT / REPA / LDM models (accelerate or torchrun for many processes)"),
     "flops": ("flops", "parameters and forward GFLOPs of models and tokenizers"),
+    "tokenizer": ("tokenizer", "tokenizer utilities: latent statistics in REPA-E's stats-file format"),
 }
 
 

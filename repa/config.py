@@ -1,0 +1,403 @@
+"""The typed configuration of a training run: dataclasses, YAML presets, command-line flags.
+
+Precedence: dataclass defaults < YAML preset (`--config configs/NAME.yaml`, nested by section)
+< flags given on the command line. Every field is declared once, here, with its flag name, its
+aliases (REPA's spellings) and its help text; the argument parser and the README's configuration
+reference are generated from these declarations, so they cannot drift apart.
+
+Each section validates itself in `__post_init__`; `ExperimentConfig.validate()` checks what
+spans sections. Messages say what to change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def option(default: Any, help: str, *, flag: str | None = None, aliases: tuple[str, ...] = (), choices=None):
+    """A config field with its command-line spelling (default: --field-name) and aliases."""
+    metadata = {"help": help, "flag": flag, "aliases": aliases, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+METHODS = ("sit", "repa", "repa-e", "ldm")
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+@dataclass
+class ModelOptions:
+    name: str = option(
+        "SiT-XL/2", "diffusion backbone from the registry (SiT-{S,B,L,XL}/{1,2,4,8})", flag="--model"
+    )
+    align_depth: int = option(
+        8, "REPA tap: block after which hidden tokens are aligned (1-based)", aliases=("--encoder-depth",)
+    )
+    proj_coeff: float = option(0.5, "weight of the alignment loss (REPA's lambda)")
+    projector_dim: int = option(2048, "hidden width of the REPA projector MLP")
+    num_classes: int = option(1000, "number of classes; the null class for CFG is this index")
+    class_dropout_prob: float = option(
+        0.1, "label dropout for classifier-free guidance", aliases=("--cfg-prob",)
+    )
+    qk_norm: bool = option(False, "LayerNorm on queries and keys in attention")
+    # Width overrides for small models (tests, the CPU demo); None keeps the registered size.
+    hidden_size: int | None = option(None, "override the registered hidden size")
+    depth: int | None = option(None, "override the registered number of blocks")
+    num_heads: int | None = option(None, "override the registered number of heads")
+
+    def __post_init__(self) -> None:
+        if self.proj_coeff < 0:
+            raise ValueError(f"--proj-coeff must be >= 0, got {self.proj_coeff}")
+        if not 0 <= self.class_dropout_prob < 1:
+            raise ValueError(f"--class-dropout-prob must be in [0, 1), got {self.class_dropout_prob}")
+        if self.num_classes < 1:
+            raise ValueError(f"--num-classes must be >= 1, got {self.num_classes}")
+
+
+@dataclass
+class DataOptions:
+    data: str = option(
+        "", "training shards: a directory, a brace pattern or URL list", aliases=("--data-dir",)
+    )
+    resolution: int = option(256, "image resolution in pixels")
+    batch_size: int = option(256, "GLOBAL batch size, split across processes (as in REPA)")
+    num_workers: int = option(4, "data-loader workers per process")
+    shuffle_buffer: int = option(1000, "samples in the shuffle buffer of each worker")
+    random_flip: bool = option(False, "random horizontal flips (uses cached flipped latents when present)")
+    use_cached_latents: bool = option(True, "use VAE moments cached in the shards when present")
+    use_cached_features: bool = option(True, "use encoder features cached in the shards when present")
+
+    def __post_init__(self) -> None:
+        if self.resolution <= 0 or self.resolution % 8:
+            raise ValueError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"--num-workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class TokenizerOptions:
+    tokenizer: str = option(
+        "sd-vae-ft-mse", "latent space: sd-vae-ft-mse | sd-vae-ft-ema | f8d4 | f16d32 | pixels | PATH"
+    )
+    tokenizer_weights: str | None = option(None, "local weights file or folder for the tokenizer")
+    tokenizer_stats: str | None = option(
+        None, "latents-stats file (REPA-E format) for per-channel normalisation"
+    )
+    decode_tokenizer: str | None = option(
+        None, "tokenizer used to decode samples (REPA decodes with sd-vae-ft-ema)"
+    )
+
+
+@dataclass
+class EncoderOptions:
+    encoder: str = option(
+        "dinov2-b", "frozen target encoder(s), comma-separated; 'none' = plain SiT", aliases=("--enc-type",)
+    )
+    encoder_weights: str | None = option(None, "local weights file for the encoder (one encoder only)")
+    encoder_cache_dir: str | None = option(None, "hub cache directory for encoder weights")
+
+    @property
+    def enabled(self) -> bool:
+        return self.encoder.strip().lower() not in ("", "none")
+
+
+@dataclass
+class TransportOptions:
+    path_type: str = option("linear", "interpolant: linear | cosine", choices=("linear", "cosine"))
+    time_sampler: str = option(
+        "uniform", "training-time distribution: uniform | lognormal (logit-normal)", aliases=("--weighting",)
+    )
+    time_loc: float = option(0.0, "logit-normal location")
+    time_scale: float = option(1.0, "logit-normal scale")
+
+
+@dataclass
+class OptimOptions:
+    learning_rate: float = option(1e-4, "AdamW learning rate", aliases=("--lr",))
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    adam_weight_decay: float = option(0.0, "AdamW weight decay")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0 disables)")
+    lr_schedule: str = option("constant", "constant | cosine (with warmup)", choices=("constant", "cosine"))
+    lr_warmup_steps: int = option(0, "linear learning-rate warmup steps")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimiser step")
+    ema_decay: float = option(0.9999, "EMA decay per optimiser step")
+
+    def __post_init__(self) -> None:
+        if self.learning_rate <= 0:
+            raise ValueError(f"--learning-rate must be > 0, got {self.learning_rate}")
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError(
+                f"--gradient-accumulation-steps must be >= 1, got {self.gradient_accumulation_steps}"
+            )
+        if not 0 <= self.ema_decay <= 1:
+            raise ValueError(f"--ema-decay must be in [0, 1], got {self.ema_decay}")
+
+
+@dataclass
+class VAEOptions:
+    """REPA-E's end-to-end VAE training (method repa-e). Weights from REPA-SPEC.md section 5."""
+
+    vae_learning_rate: float = option(1e-4, "VAE AdamW learning rate")
+    disc_learning_rate: float = option(1e-4, "discriminator AdamW learning rate")
+    vae_align_coeff: float = option(1.5, "alignment weight in the VAE loss")
+    l1_weight: float = option(1.0, "reconstruction L1 weight")
+    lpips_weight: float = option(1.0, "LPIPS weight")
+    kl_weight: float = option(1e-6, "KL weight")
+    gan_weight: float = option(0.1, "generator adversarial weight (constant from step 0)")
+    lpips_weights: str | None = option(None, "LPIPS linear-layer weights file (lpips v0.1 vgg.pth)")
+    vgg_weights: str | None = option(None, "torchvision VGG16 weights file for LPIPS")
+
+
+@dataclass
+class RunOptions:
+    method: str = option(
+        "", "sit | repa | repa-e | ldm (default: repa with an encoder, sit without)", choices=None
+    )
+    output_dir: str = option("runs", "parent directory of run directories")
+    exp_name: str = option("", "run directory name under --output-dir (default: derived from the config)")
+    max_train_steps: int = option(400_000, "optimiser steps to train")
+    checkpointing_steps: int = option(50_000, "save a checkpoint every N steps")
+    keep_checkpoints: int = option(
+        2, "complete checkpoints kept (>= 2; older ones deleted after a new one commits)"
+    )
+    keep_every: int = option(
+        0, "also keep every checkpoint whose step is a multiple of N (0: none), for curves"
+    )
+    resume: str = option("auto", "auto (newest complete checkpoint) | none | PATH of a checkpoint directory")
+    seed: int = option(0, "global seed; per-process streams derive from (seed, rank, step)")
+    mixed_precision: str = option("fp16", "no | bf16 | fp16 (fp16 uses a grad scaler)", choices=PRECISIONS)
+    allow_tf32: bool = option(False, "TF32 matmuls on Ampere+ GPUs")
+    compile: bool = option(False, "torch.compile the diffusion model (slower on small CPU models)")
+    max_nonfinite_steps: int = option(10, "stop after this many non-finite steps in a row")
+    log_every: int = option(10, "log metrics every N steps")
+    sample_every: int = option(
+        10_000, "write an EMA sample grid every N steps (0 disables)", aliases=("--sampling-steps",)
+    )
+    sample_steps: int = option(50, "Euler ODE steps for preview grids")
+    sample_cfg_scale: float = option(4.0, "CFG scale for preview grids")
+    report_to: str = option(
+        "", "extra loggers: comma list of wandb, tensorboard (metrics.jsonl is always written)"
+    )
+    wandb_project: str = option("repa", "wandb project")
+    wandb_mode: str = option("online", "wandb mode: online | offline", choices=("online", "offline"))
+
+    def __post_init__(self) -> None:
+        if self.method and self.method not in METHODS:
+            raise ValueError(f"--method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.max_train_steps < 0:
+            raise ValueError(f"--max-train-steps must be >= 0, got {self.max_train_steps}")
+        if self.checkpointing_steps < 1:
+            raise ValueError(f"--checkpointing-steps must be >= 1, got {self.checkpointing_steps}")
+        if self.keep_checkpoints < 2:
+            raise ValueError(
+                f"--keep-checkpoints must be >= 2, got {self.keep_checkpoints}: the newest may be mid-save "
+                "when a job dies, so the one before it must survive"
+            )
+        loggers = {name.strip() for name in self.report_to.split(",") if name.strip()}
+        if loggers - {"wandb", "tensorboard"}:
+            raise ValueError(f"--report-to: unknown logger(s) {sorted(loggers - {'wandb', 'tensorboard'})}")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelOptions,
+    "data": DataOptions,
+    "tokenizer": TokenizerOptions,
+    "encoder": EncoderOptions,
+    "transport": TransportOptions,
+    "optim": OptimOptions,
+    "vae": VAEOptions,
+    "run": RunOptions,
+}
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelOptions = field(default_factory=ModelOptions)
+    data: DataOptions = field(default_factory=DataOptions)
+    tokenizer: TokenizerOptions = field(default_factory=TokenizerOptions)
+    encoder: EncoderOptions = field(default_factory=EncoderOptions)
+    transport: TransportOptions = field(default_factory=TransportOptions)
+    optim: OptimOptions = field(default_factory=OptimOptions)
+    vae: VAEOptions = field(default_factory=VAEOptions)
+    run: RunOptions = field(default_factory=RunOptions)
+
+    @property
+    def method(self) -> str:
+        """The method, defaulting to repa when an encoder is set and sit otherwise."""
+        if self.run.method:
+            return self.run.method
+        return "repa" if self.encoder.enabled else "sit"
+
+    def validate(self) -> ExperimentConfig:
+        """Checks across sections that need no weights or data. Returns self."""
+        method = self.method
+        if method in ("repa", "repa-e") and not self.encoder.enabled:
+            raise ValueError(
+                f"--method {method} aligns to an encoder: set --encoder (e.g. dinov2-b), or use sit"
+            )
+        if method == "sit" and self.encoder.enabled:
+            raise ValueError("--method sit trains without alignment: use --encoder none, or --method repa")
+        if method == "repa-e" and self.tokenizer.tokenizer == "pixels":
+            raise ValueError("--method repa-e trains a VAE end to end: choose a VAE tokenizer, not pixels")
+        if self.data.batch_size % self.optim.gradient_accumulation_steps:
+            raise ValueError(
+                f"--batch-size {self.data.batch_size} is not divisible by "
+                f"--gradient-accumulation-steps {self.optim.gradient_accumulation_steps}"
+            )
+        if self.encoder.encoder_weights and "," in self.encoder.encoder:
+            raise ValueError("--encoder-weights names one file, but --encoder lists several encoders")
+        from repa.models import config_for  # the registry validates name, align depth and sizes
+
+        # Encoder widths are known only once encoders load; any width checks the align depth.
+        num_encoders = len(self.encoder.encoder.split(",")) if self.encoder.enabled else 0
+        config_for(
+            self.model.name, **self.model_overrides(input_size=None, projector_dims=[1] * num_encoders)
+        )
+        return self
+
+    def model_overrides(self, input_size: int | None, in_channels: int = 4, projector_dims=()) -> dict:
+        """Keyword overrides for repa.models.create_model from this config."""
+        overrides = dict(
+            align_depth=self.model.align_depth,
+            projector_dim=self.model.projector_dim,
+            num_classes=self.model.num_classes,
+            class_dropout_prob=self.model.class_dropout_prob,
+            qk_norm=self.model.qk_norm,
+            projector_out_dims=list(projector_dims),
+            in_channels=in_channels,
+            latent_batchnorm=self.method == "repa-e",
+        )
+        if input_size is not None:
+            overrides["input_size"] = input_size
+        for name in ("hidden_size", "depth", "num_heads"):
+            if getattr(self.model, name) is not None:
+                overrides[name] = getattr(self.model, name)
+        return overrides
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ExperimentConfig:
+        unknown = set(values) - set(SECTIONS)
+        if unknown:
+            raise ValueError(f"unknown config section(s) {sorted(unknown)}; sections: {', '.join(SECTIONS)}")
+        sections = {}
+        for name, section_type in SECTIONS.items():
+            section_values = values.get(name) or {}
+            known = {f.name for f in dataclasses.fields(section_type)}
+            bad = set(section_values) - known
+            if bad:
+                raise ValueError(
+                    f"unknown key(s) {sorted(bad)} in config section '{name}'; valid: {sorted(known)}"
+                )
+            sections[name] = section_type(**section_values)
+        return cls(**sections)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags
+
+
+def _flag_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def iter_options():
+    """(section name, dataclass field) for every option, in declaration order."""
+    for section_name, section_type in SECTIONS.items():
+        for f in dataclasses.fields(section_type):
+            yield section_name, f
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _value_type(f: dataclasses.Field):
+    annotation = str(f.type)
+    if annotation.startswith("bool"):
+        return _parse_bool
+    if annotation.startswith("int"):
+        return int
+    if annotation.startswith("float"):
+        return float
+    return str
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare --config and one flag per option. Unset flags stay absent from the namespace."""
+    parser.add_argument("--config", default=None, help="YAML preset (e.g. configs/repa_sit_xl2.yaml)")
+    groups = {name: parser.add_argument_group(name) for name in SECTIONS}
+    for section_name, f in iter_options():
+        kwargs: dict[str, Any] = dict(
+            dest=f"{section_name}.{f.name}", default=argparse.SUPPRESS, help=f.metadata["help"]
+        )
+        value_type = _value_type(f)
+        if value_type is _parse_bool:
+            # `--random-flip` alone means true; `--random-flip false` also works.
+            kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
+        else:
+            kwargs.update(type=value_type)
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+        groups[section_name].add_argument(_flag_name(f), *f.metadata.get("aliases", ()), **kwargs)
+    # REPA's --resume-step N: resume from that step's checkpoint.
+    parser.add_argument("--resume-step", type=int, default=None, help="REPA alias: resume from this step")
+
+
+def load_preset(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config preset {path} not found (presets live in configs/)")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config preset {path} must be a mapping of sections")
+    return values
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    """Defaults, then the preset, then the flags that were given."""
+    values: dict[str, dict] = {}
+    if getattr(args, "config", None):
+        values = {k: dict(v or {}) for k, v in load_preset(args.config).items()}
+    for dest, value in vars(args).items():
+        if "." in dest:
+            section, name = dest.split(".", 1)
+            values.setdefault(section, {})[name] = value
+    if getattr(args, "resume_step", None) is not None:
+        values.setdefault("run", {})["resume"] = f"step:{args.resume_step}"
+    return ExperimentConfig.from_dict(values).validate()
+
+
+def save_config(config: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def config_reference_markdown() -> str:
+    """The README's configuration reference: one row per flag, generated from the dataclasses."""
+    lines = ["| flag | aliases | default | section | meaning |", "|---|---|---|---|---|"]
+    for section_name, f in iter_options():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        aliases = ", ".join(f"`{a}`" for a in f.metadata.get("aliases", ()))
+        help_text = f.metadata["help"]
+        cells = [f"`{_flag_name(f)}`", aliases, f"`{json.dumps(default)}`", section_name, help_text]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,491 @@
+"""The training loop: one function of a typed config, for every method, one CPU to many nodes.
+
+`train(config)` knows nothing of the command line. Resuming is rerunning the same command: with
+`resume=auto` the newest complete checkpoint is loaded. Per-method arithmetic lives in
+repa/train/methods.py; this file owns devices, precision, distribution, the data stream,
+checkpoints, pre-emption, non-finite steps, logging and preview samples.
+
+Determinism: every process reseeds torch from (seed, rank, step) before each step, and the data
+stream is rebuilt from (seed, rank, batches consumed) after every periodic checkpoint, so a run
+resumed from a periodic checkpoint sees exactly the batches and noise an uninterrupted run would
+(tests/test_train.py checks bitwise-equal weights on CPU). A pre-emption checkpoint taken between
+periodic ones resumes with a fresh deterministic stream that does not replay seen batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import platform
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from repa.config import ExperimentConfig, save_config
+from repa.train import checkpoint as ckpt
+from repa.train.ema import EMA
+from repa.train.logging import MetricsLogger
+from repa.train.methods import DenoisingMethod
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    preempted: bool
+    nonfinite_steps: int
+    last_metrics: dict
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite steps in a row: the run stops before writing a bad checkpoint."""
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (seed, rank, step, ...), stable across Python versions."""
+    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def run_dir_for(config: ExperimentConfig) -> Path:
+    """output_dir/exp_name; the default name is derived from the config, never from a counter,
+    so rerunning a command finds its own run again."""
+    name = config.run.exp_name
+    if not name:
+        encoder = config.encoder.encoder.replace(",", "+") if config.encoder.enabled else "none"
+        name = f"{config.method}-{config.model.name.replace('/', '')}-{encoder}-seed{config.run.seed}"
+    return Path(config.run.output_dir) / name
+
+
+def lr_at(step: int, config: ExperimentConfig) -> float:
+    """Learning rate for optimiser step `step` (0-based): linear warmup, then constant or cosine."""
+    optim, total = config.optim, max(config.run.max_train_steps, 1)
+    base = optim.learning_rate
+    if optim.lr_warmup_steps and step < optim.lr_warmup_steps:
+        return base * (step + 1) / optim.lr_warmup_steps
+    if optim.lr_schedule == "cosine":
+        progress = (step - optim.lr_warmup_steps) / max(total - optim.lr_warmup_steps, 1)
+        return base * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return base
+
+
+class _StopFlag:
+    """SIGTERM / SIGUSR1 only set a flag; the loop agrees on it across ranks every step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            with contextlib.suppress(ValueError):  # not the main thread (e.g. some test runners)
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _environment() -> dict:
+    import accelerate
+
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "accelerate": accelerate.__version__,
+        "cuda": torch.version.cuda,
+        "gpus": torch.cuda.device_count(),
+        "platform": platform.platform(),
+        "argv": sys.argv,
+    }
+
+
+def build_parts(config: ExperimentConfig, device: torch.device):
+    """Tokenizer, frozen encoders and the SiT, with every compatibility check done before the
+    SiT is built (token counts, latent sizes). Returns (tokenizer, encoders, model)."""
+    from repa.encoders import create_encoders
+    from repa.models import create_model
+    from repa.tokenizers import create_tokenizer
+
+    resolution = config.data.resolution
+    tokenizer = create_tokenizer(
+        config.tokenizer.tokenizer,
+        resolution=resolution,
+        weights=config.tokenizer.tokenizer_weights,
+        stats=config.tokenizer.tokenizer_stats,
+    )
+    latent_size = tokenizer.latent_size(resolution)
+    encoders = []
+    if config.encoder.enabled:
+        encoders = create_encoders(
+            config.encoder.encoder,
+            resolution=resolution,
+            weights=config.encoder.encoder_weights,
+            cache_dir=config.encoder.encoder_cache_dir,
+        )
+    model_config_overrides = config.model_overrides(
+        input_size=latent_size,
+        in_channels=tokenizer.latent_channels,
+        projector_dims=[encoder.dim for encoder in encoders],
+    )
+    from repa.models import config_for
+
+    model_config = config_for(config.model.name, **model_config_overrides)
+    for encoder in encoders:
+        if encoder.num_tokens(resolution) != model_config.num_tokens:
+            raise ValueError(
+                f"token count mismatch: {config.model.name} on {latent_size}x{latent_size} latents has "
+                f"{model_config.num_tokens} tokens but {encoder.name} at {resolution}px gives "
+                f"{encoder.num_tokens(resolution)}; at {resolution}px use patch size "
+                f"{_matching_patch(latent_size, encoder.num_tokens(resolution))} or another resolution"
+            )
+    model = create_model(config.model.name, **model_config_overrides)
+    tokenizer.to(device).eval().requires_grad_(False)
+    for encoder in encoders:
+        encoder.to(device)
+    return tokenizer, encoders, model.to(device)
+
+
+def cached_fields(config: ExperimentConfig, tokenizer, encoders) -> tuple[bool, bool]:
+    """Whether to read cached latents / features from the shards: only when the manifest says
+    they were made by this run's tokenizer / (single) encoder, so a stale cache is never used."""
+    from repa.data.shards import locate_manifest, read_manifest
+
+    manifest_path = locate_manifest(config.data.data) if isinstance(config.data.data, str) else None
+    if manifest_path is None:
+        return False, False
+    try:
+        manifest = read_manifest(manifest_path)
+    except (OSError, ValueError):
+        return False, False
+    fields, options = manifest.get("fields", {}), manifest.get("options", {})
+    flip = config.data.random_flip
+    with_latents = (
+        config.data.use_cached_latents
+        and "latents" in fields
+        and (not flip or "latents_flipped" in fields)
+        and options.get("cache_latents") == tokenizer.name
+        and tokenizer.name != "pixels"
+    )
+    with_features = (
+        config.data.use_cached_features
+        and len(encoders) == 1
+        and "features" in fields
+        and (not flip or "features_flipped" in fields)
+        and options.get("cache_features") == encoders[0].name
+    )
+    return bool(with_latents), bool(with_features)
+
+
+def _matching_patch(latent_size: int, num_tokens: int) -> str:
+    side = math.isqrt(num_tokens)
+    if side * side == num_tokens and latent_size % side == 0:
+        return str(latent_size // side)
+    return "(none matches)"
+
+
+def train(config: ExperimentConfig) -> TrainResult:
+    """Train (or resume) the run described by `config`; returns where it stopped."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from repa.data.shards import expand_shard_urls
+    from repa.data.stream import make_train_stream
+    from repa.transport import create_time_sampler
+
+    config.validate()
+    if config.method == "repa-e":
+        raise ValueError(
+            "--method repa-e is not available in this version of the loop yet; use sit, repa or ldm"
+        )
+    if config.run.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("--mixed-precision fp16 needs a CUDA GPU; on CPU use bf16 or no")
+    if not config.data.data:
+        raise ValueError("--data is required: training shards (see `repa data build`)")
+    expand_shard_urls(config.data.data)  # raises with a message when nothing matches
+
+    accelerator = Accelerator(
+        mixed_precision=config.run.mixed_precision,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    accum = config.optim.gradient_accumulation_steps
+    per_rank = config.data.batch_size // accum
+    if per_rank % world:
+        raise ValueError(
+            f"--batch-size {config.data.batch_size} / accumulation {accum} = {per_rank} is not divisible by "
+            f"{world} processes"
+        )
+    per_rank //= world
+    if config.run.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    run_dir = run_dir_for(config)
+    checkpoints_dir = run_dir / "checkpoints"
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_stale_staging(checkpoints_dir)
+        save_config(config, run_dir / "config.yaml")
+        (run_dir / "environment.json").write_text(json.dumps(_environment(), indent=1))
+    accelerator.wait_for_everyone()
+
+    torch.manual_seed(derive_seed(config.run.seed, 0, -1))  # identical initial weights on every rank
+    tokenizer, encoders, model = build_parts(config, device)
+    ema = EMA(model, decay=config.optim.ema_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable,
+        lr=config.optim.learning_rate,
+        betas=(config.optim.adam_beta1, config.optim.adam_beta2),
+        weight_decay=config.optim.adam_weight_decay,
+        eps=config.optim.adam_epsilon,
+        fused=True,
+    )
+
+    # --- resume -----------------------------------------------------------------------------
+    step, nonfinite_total = 0, 0
+    resume_from = ckpt.resolve_resume(config.run.resume, checkpoints_dir)
+    if resume_from is not None:
+        state = ckpt.load_file(resume_from / "model.pt")
+        model.load_state_dict(state["model"])
+        from safetensors.torch import load_file
+
+        ema.load_state_dict(load_file(resume_from / "ema.safetensors"))
+        optimizer.load_state_dict(state["optimizer"])
+        step, nonfinite_total = int(state["step"]), int(state.get("nonfinite_steps", 0))
+        rng_file = resume_from / f"rng-rank{rank}.pt"
+        if rng_file.exists():
+            ckpt.restore_rng_state(ckpt.load_file(rng_file))
+        _scaler_state = state.get("scaler")
+    else:
+        _scaler_state = None
+
+    compiled = torch.compile(model) if config.run.compile else model
+    prepared_model, optimizer = accelerator.prepare(compiled, optimizer)
+    if _scaler_state and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(_scaler_state)
+    unwrapped = model  # the module whose weights we save and average (accelerator.unwrap_model)
+
+    method = DenoisingMethod(
+        tokenizer,
+        encoders,
+        path=config.transport.path_type,
+        time_sampler=create_time_sampler(
+            config.transport.time_sampler,
+            **(
+                {"location": config.transport.time_loc, "scale": config.transport.time_scale}
+                if config.transport.time_sampler != "uniform"
+                else {}
+            ),
+        ),
+        proj_coeff=config.model.proj_coeff,
+    )
+    with_latents, with_features = cached_fields(config, tokenizer, encoders)
+    stream = make_train_stream(
+        config.data.data,
+        batch_size_per_rank=per_rank,
+        rank=rank,
+        world_size=world,
+        num_workers=config.data.num_workers,
+        seed=config.run.seed,
+        resume_batches=step * accum,
+        shuffle_buffer=config.data.shuffle_buffer,
+        flip=config.data.random_flip,
+        with_latents=with_latents,
+        with_features=with_features,
+    )
+
+    logger = MetricsLogger(
+        run_dir,
+        enabled=accelerator.is_main_process,
+        report_to=config.run.report_to,
+        config=config.to_dict(),
+        wandb_project=config.run.wandb_project,
+        wandb_mode=config.run.wandb_mode,
+    )
+    stop = _StopFlag()
+    progress = None
+    if accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=config.run.max_train_steps, initial=step, desc=run_dir.name, dynamic_ncols=True)
+
+    def save(at_step: int) -> None:
+        staging = ckpt.begin_save(
+            checkpoints_dir, at_step, accelerator.is_main_process, accelerator.wait_for_everyone
+        )
+        if accelerator.is_main_process:
+            from safetensors.torch import save_file
+
+            ckpt.save_file(
+                {
+                    "model": unwrapped.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                    "step": at_step,
+                    "nonfinite_steps": nonfinite_total,
+                    "config": config.to_dict(),
+                },
+                staging / "model.pt",
+            )
+            ema_state = {k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}
+            save_file(
+                ema_state, staging / "ema.safetensors", metadata={"config": json.dumps(config.to_dict())}
+            )
+        rng_state = ckpt.capture_rng_state()
+        rng_state["data"] = {"batches_seen": stream.batches_seen, "num_skipped": stream.num_skipped}
+        ckpt.save_file(rng_state, staging / f"rng-rank{rank}.pt")
+        ckpt.commit_save(
+            checkpoints_dir,
+            at_step,
+            world,
+            accelerator.is_main_process,
+            accelerator.wait_for_everyone,
+            keep_last=config.run.keep_checkpoints,
+            keep_every=config.run.keep_every,
+        )
+
+    last_metrics: dict = {}
+    nonfinite_streak = 0
+    preempted = False
+    data_iter = iter(stream)
+    window_start, window_samples = time.perf_counter(), 0
+    max_norm = config.optim.max_grad_norm if config.optim.max_grad_norm > 0 else float("inf")
+    try:
+        while step < config.run.max_train_steps:
+            torch.manual_seed(derive_seed(config.run.seed, rank, step))
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, config)
+            prepared_model.train()
+            step_metrics: dict[str, torch.Tensor] = {}
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(accum):
+                batch = next(data_iter)
+                with accelerator.autocast():
+                    inputs = method.prepare(batch, device)
+                sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(prepared_model)
+                with sync:
+                    with accelerator.autocast():
+                        loss, metrics = method.loss(prepared_model, inputs)
+                    accelerator.backward(loss / accum)
+                loss_sum += loss.detach()
+                for key, value in metrics.items():  # tensors: no host sync until logging
+                    step_metrics[key] = step_metrics.get(key, 0.0) + value / accum
+                window_samples += len(batch) * world
+            grad_norm = accelerator.clip_grad_norm_(prepared_model.parameters(), max_norm)
+            # One collective and one host sync per step: any rank's non-finite loss or stop request
+            # holds for all ranks. In fp16 the grad scaler owns non-finite gradients (it skips the
+            # step and lowers its scale), so only a non-finite loss counts there.
+            nonfinite = ~torch.isfinite(loss_sum)
+            if accelerator.scaler is None:
+                nonfinite |= ~torch.isfinite(grad_norm.to(device))
+            flags = torch.stack([nonfinite.float(), torch.tensor(float(stop.requested), device=device)])
+            if world > 1:
+                flags = accelerator.reduce(flags, reduction="sum")
+            skip, stop_now = (bool(flag > 0) for flag in flags.tolist())
+            if skip:
+                nonfinite_streak += 1
+                nonfinite_total += 1
+                optimizer.zero_grad(set_to_none=True)
+                if nonfinite_streak >= config.run.max_nonfinite_steps:
+                    raise NonFiniteError(
+                        f"{nonfinite_streak} non-finite steps in a row at step {step} (loss or gradient "
+                        f"NaN/inf); stopped before writing a checkpoint. Lower --learning-rate, check the "
+                        f"data, or use --mixed-precision bf16. Last complete checkpoint: "
+                        f"{ckpt.latest_checkpoint(checkpoints_dir)}"
+                    )
+            else:
+                nonfinite_streak = 0
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if not accelerator.optimizer_step_was_skipped:
+                    ema.update(unwrapped)
+            step += 1
+
+            if progress is not None:
+                progress.update(1)
+            if step % config.run.log_every == 0 or step == config.run.max_train_steps:
+                elapsed = time.perf_counter() - window_start
+                last_metrics = {
+                    **{key: float(value) for key, value in step_metrics.items()},
+                    "grad_norm": float(grad_norm),
+                    "lr": lr_at(step - 1, config),
+                    "samples_per_sec": window_samples / max(elapsed, 1e-9),
+                    "samples_seen": step * config.data.batch_size,
+                    "nonfinite_steps": nonfinite_total,
+                    "data_skipped": stream.num_skipped,
+                }
+                logger.log(step, last_metrics)
+                if progress is not None:
+                    shown = {
+                        k: f"{last_metrics[k]:.4f}"
+                        for k in ("loss", "loss_align", "grad_norm")
+                        if k in last_metrics
+                    }
+                    shown["img/s"] = f"{last_metrics['samples_per_sec']:.1f}"
+                    progress.set_postfix(shown)
+                window_start, window_samples = time.perf_counter(), 0
+
+            if (
+                config.run.sample_every
+                and step % config.run.sample_every == 0
+                and accelerator.is_main_process
+            ):
+                path = write_preview(ema.model, tokenizer, config, run_dir, step, device)
+                logger.log_image(step, "samples", path)
+
+            periodic = step % config.run.checkpointing_steps == 0 or step == config.run.max_train_steps
+            if periodic or stop_now:
+                save(step)
+                # Rebuild the stream from (seed, rank, batches consumed): a run resumed from this
+                # checkpoint then reads exactly what this one reads next.
+                data_iter = iter(stream)
+            if stop_now:
+                preempted = True
+                break
+    finally:
+        stop.restore()
+        if progress is not None:
+            progress.close()
+        logger.close()
+    accelerator.wait_for_everyone()
+    return TrainResult(run_dir, step, preempted, nonfinite_total, last_metrics)
+
+
+@torch.no_grad()
+def write_preview(model, tokenizer, config: ExperimentConfig, run_dir: Path, step: int, device) -> Path:
+    """A sample grid from the EMA model in eval mode (the reference samples the online model in
+    train mode, label dropout on, and calls it EMA). Fixed labels and seeds across the run."""
+    from repa.transport import sample
+    from repa.utils.images import save_image_grid
+
+    count = min(16, max(config.model.num_classes, 4))
+    labels = torch.arange(count, device=device) % config.model.num_classes
+    seeds = list(range(count))
+    latent_size = tokenizer.latent_size(config.data.resolution)
+    model.eval()
+    latents = sample(
+        model.velocity,
+        (tokenizer.latent_channels, latent_size, latent_size),
+        labels,
+        seeds,
+        mode="ode",
+        method="euler",
+        num_steps=config.run.sample_steps,
+        cfg_scale=config.run.sample_cfg_scale,
+        null_label=model.null_label,
+        path=config.transport.path_type,
+    )
+    images = tokenizer.decode(latents)  # uint8 (B, 3, H, W)
+    path = run_dir / "samples" / f"step-{step:08d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image_grid(images, path)
+    return path

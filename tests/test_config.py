@@ -1,0 +1,113 @@
+"""Configuration: presets load and validate; flags and aliases; each bad config has its own message."""
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from repa.config import ExperimentConfig, add_config_arguments, config_from_args, config_reference_markdown
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    return config_from_args(parser.parse_args(argv))
+
+
+@pytest.mark.parametrize("preset", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_presets_load_and_validate(preset):
+    config = parse(["--config", str(preset), "--data", "shards"])
+    assert config.data.data == "shards"
+
+
+def test_defaults_are_repas():
+    config = parse([])
+    assert (config.model.name, config.model.align_depth, config.model.proj_coeff) == ("SiT-XL/2", 8, 0.5)
+    assert config.encoder.encoder == "dinov2-b" and config.method == "repa"
+    assert config.data.batch_size == 256 and config.optim.learning_rate == 1e-4
+
+
+def test_field_flags_work_as_written():
+    config = parse("--model SiT-B/2 --encoder dinov2-b --align-depth 4 --proj-coeff 0.25".split())
+    assert (config.model.name, config.model.align_depth, config.model.proj_coeff) == ("SiT-B/2", 4, 0.25)
+    assert parse(["--encoder", "none"]).method == "sit"
+
+
+def test_repa_aliases():
+    config = parse(
+        "--enc-type dinov2-vit-b --encoder-depth 6 --data-dir d --cfg-prob 0.2 --weighting lognormal".split()
+    )
+    assert config.encoder.encoder == "dinov2-vit-b" and config.model.align_depth == 6
+    assert config.data.data == "d" and config.model.class_dropout_prob == 0.2
+    assert config.transport.time_sampler == "lognormal"
+    assert parse(["--resume-step", "500"]).run.resume == "step:500"
+
+
+def test_flags_override_preset(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("model: {name: SiT-B/2, align_depth: 4}\nrun: {seed: 3}\n")
+    config = parse(["--config", str(preset), "--align-depth", "2"])
+    assert (config.model.name, config.model.align_depth, config.run.seed) == ("SiT-B/2", 2, 3)
+
+
+def test_booleans():
+    assert parse(["--random-flip"]).data.random_flip is True
+    assert parse(["--random-flip", "false"]).data.random_flip is False
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--align-depth", "0"], "align depth 0 is out of range"),
+        (["--align-depth", "29"], "choose 1..28"),
+        (["--model", "SiT-XXL/2"], "unknown model"),
+        (["--method", "repa", "--encoder", "none"], "aligns to an encoder"),
+        (["--method", "sit"], "--encoder none"),
+        (["--method", "repa-e", "--tokenizer", "pixels"], "choose a VAE tokenizer"),
+        (["--proj-coeff", "-1"], "--proj-coeff must be >= 0"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--batch-size", "10", "--gradient-accumulation-steps", "3"], "not divisible"),
+        (["--resolution", "100"], "multiple of 8"),
+        (["--keep-checkpoints", "1"], "must be >= 2"),
+        (["--cfg-prob", "1.5"], "class-dropout-prob"),
+        (["--ema-decay", "2"], "ema-decay"),
+        (["--learning-rate", "0"], "learning-rate"),
+        (["--report-to", "mlflow"], "unknown logger"),
+        (["--encoder", "dinov2-b,clip-l", "--encoder-weights", "w.pt"], "names one file"),
+    ],
+)
+def test_each_bad_config_has_its_own_message(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse(argv)
+
+
+def test_bad_preset_keys_and_sections(tmp_path):
+    bad_key = tmp_path / "a.yaml"
+    bad_key.write_text("model: {nmae: SiT-B/2}\n")
+    with pytest.raises(ValueError, match="unknown key.*nmae.*section 'model'"):
+        parse(["--config", str(bad_key)])
+    bad_section = tmp_path / "b.yaml"
+    bad_section.write_text("modle: {name: SiT-B/2}\n")
+    with pytest.raises(ValueError, match="unknown config section"):
+        parse(["--config", str(bad_section)])
+    with pytest.raises(FileNotFoundError, match="configs/"):
+        parse(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_choices_are_enforced_by_the_parser():
+    with pytest.raises(SystemExit):
+        parse(["--mixed-precision", "fp8"])
+
+
+def test_round_trip_through_dict():
+    config = parse(["--model", "SiT-L/2", "--seed", "7"])
+    assert ExperimentConfig.from_dict(config.to_dict()) == config
+
+
+def test_reference_lists_every_flag():
+    table = config_reference_markdown()
+    for flag in ("--model", "--encoder", "--align-depth", "--proj-coeff", "--batch-size", "--resume"):
+        assert f"`{flag}`" in table
+    assert "`--encoder-depth`" in table and "`--enc-type`" in table
