@@ -40,9 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError) as error:
-        # Bad flags, files or weights: say what is wrong without a traceback (REPA_DEBUG=1 shows it).
-        if os.environ.get("REPA_DEBUG"):
+    except Exception as error:
+        # Bad flags, files or weights: say what is wrong without a traceback (REPA_DEBUG=1 shows
+        # it). Only errors that repa raises on purpose (ValueError, FileNotFoundError and repa's
+        # own error classes) are shortened; anything else is a bug and keeps its traceback.
+        ours = type(error).__module__.startswith("repa.")
+        deliberate = isinstance(error, (ValueError, FileNotFoundError)) or ours
+        if os.environ.get("REPA_DEBUG") or not deliberate:
             raise
         print(f"repa {args.verb}: error: {error}", file=sys.stderr)
         return 2

@@ -303,12 +303,32 @@ class ExperimentConfig:
                 raise ValueError(
                     f"unknown key(s) {sorted(bad)} in config section '{name}'; valid: {sorted(known)}"
                 )
-            sections[name] = section_type(**section_values)
+            types = {f.name: f for f in dataclasses.fields(section_type)}
+            sections[name] = section_type(
+                **{key: _coerce(types[key], value, name) for key, value in section_values.items()}
+            )
         return cls(**sections)
 
 
 # ----------------------------------------------------------------------------------------------
 # Flags
+
+
+def _coerce(f: dataclasses.Field, value: Any, section: str) -> Any:
+    """YAML values to the field's type. PyYAML reads `1e-4` (no dot) as a string, for example."""
+    if value is None:
+        return None
+    convert = _value_type(f)
+    if convert is str:
+        return value if isinstance(value, str) else str(value)
+    if isinstance(value, bool) and convert is not _parse_bool:
+        raise ValueError(f"config '{section}.{f.name}': expected a number, got {value!r}")
+    try:
+        return convert(value) if not isinstance(value, str) or convert is not int else int(float(value))
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        raise ValueError(
+            f"config '{section}.{f.name}': cannot read {value!r} as {convert.__name__}"
+        ) from None
 
 
 def _flag_name(f: dataclasses.Field) -> str:
@@ -322,8 +342,10 @@ def iter_options():
             yield section_name, f
 
 
-def _parse_bool(text: str) -> bool:
-    lowered = text.lower()
+def _parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    lowered = str(text).lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
     if lowered in ("0", "false", "no", "off"):

@@ -111,3 +111,14 @@ def test_reference_lists_every_flag():
     for flag in ("--model", "--encoder", "--align-depth", "--proj-coeff", "--batch-size", "--resume"):
         assert f"`{flag}`" in table
     assert "`--encoder-depth`" in table and "`--enc-type`" in table
+
+
+def test_yaml_values_are_coerced_to_field_types(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("optim: {learning_rate: 1e-4, adam_epsilon: 1e-08}\nrun: {max_train_steps: 1e5}\n")
+    config = parse(["--config", str(preset)])
+    assert config.optim.learning_rate == 1e-4 and config.optim.adam_epsilon == 1e-8
+    assert config.run.max_train_steps == 100000
+    preset.write_text("optim: {learning_rate: fast}\n")
+    with pytest.raises(ValueError, match="optim.learning_rate.*'fast'"):
+        parse(["--config", str(preset)])

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import platform
 import signal
 import sys
@@ -41,6 +42,8 @@ class TrainResult:
     preempted: bool
     nonfinite_steps: int
     last_metrics: dict
+    model: torch.nn.Module  # the online model (unwrapped), on this process's device
+    ema_model: torch.nn.Module
 
 
 class NonFiniteError(RuntimeError):
@@ -147,24 +150,48 @@ def build_parts(config: ExperimentConfig, device: torch.device):
                 f"{_matching_patch(latent_size, encoder.num_tokens(resolution))} or another resolution"
             )
     model = create_model(config.model.name, **model_config_overrides)
-    tokenizer.to(device).eval().requires_grad_(False)
+    tokenizer.to(device).freeze()
     for encoder in encoders:
         encoder.to(device)
     return tokenizer, encoders, model.to(device)
 
 
-def cached_fields(config: ExperimentConfig, tokenizer, encoders) -> tuple[bool, bool]:
-    """Whether to read cached latents / features from the shards: only when the manifest says
-    they were made by this run's tokenizer / (single) encoder, so a stale cache is never used."""
+def _check_local_shards(urls: list[str]) -> None:
+    """Missing local shard files are a start-up error, not a stream of skip warnings later."""
+    from repa.data.shards import is_remote
+
+    local = [
+        url.removeprefix("file://") for url in urls if not url.startswith("pipe:") and not is_remote(url)
+    ]
+    missing = [path for path in local if not os.path.isfile(path)]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(urls)} training shards do not exist, e.g. {missing[0]} (check --data)"
+        )
+
+
+def read_shard_manifest(config: ExperimentConfig) -> dict:
+    """The shards' manifest ({} when there is none) after checking it fits the config."""
     from repa.data.shards import locate_manifest, read_manifest
 
     manifest_path = locate_manifest(config.data.data) if isinstance(config.data.data, str) else None
     if manifest_path is None:
-        return False, False
+        return {}
     try:
         manifest = read_manifest(manifest_path)
     except (OSError, ValueError):
-        return False, False
+        return {}
+    if manifest.get("resolution") not in (None, config.data.resolution):
+        raise ValueError(
+            f"the shards in {config.data.data} hold {manifest['resolution']}px images but --resolution is "
+            f"{config.data.resolution}; set --resolution {manifest['resolution']} or rebuild the shards"
+        )
+    return manifest
+
+
+def cached_fields(config: ExperimentConfig, manifest: dict, tokenizer, encoders) -> tuple[bool, bool]:
+    """Whether to read cached latents / features from the shards: only when the manifest says
+    they were made by this run's tokenizer / (single) encoder, so a stale cache is never used."""
     fields, options = manifest.get("fields", {}), manifest.get("options", {})
     flip = config.data.random_flip
     with_latents = (
@@ -209,7 +236,8 @@ def train(config: ExperimentConfig) -> TrainResult:
         raise ValueError("--mixed-precision fp16 needs a CUDA GPU; on CPU use bf16 or no")
     if not config.data.data:
         raise ValueError("--data is required: training shards (see `repa data build`)")
-    expand_shard_urls(config.data.data)  # raises with a message when nothing matches
+    _check_local_shards(expand_shard_urls(config.data.data))
+    manifest = read_shard_manifest(config)
 
     accelerator = Accelerator(
         mixed_precision=config.run.mixed_precision,
@@ -288,7 +316,7 @@ def train(config: ExperimentConfig) -> TrainResult:
         ),
         proj_coeff=config.model.proj_coeff,
     )
-    with_latents, with_features = cached_fields(config, tokenizer, encoders)
+    with_latents, with_features = cached_fields(config, manifest, tokenizer, encoders)
     stream = make_train_stream(
         config.data.data,
         batch_size_per_rank=per_rank,
@@ -457,7 +485,7 @@ def train(config: ExperimentConfig) -> TrainResult:
             progress.close()
         logger.close()
     accelerator.wait_for_everyone()
-    return TrainResult(run_dir, step, preempted, nonfinite_total, last_metrics)
+    return TrainResult(run_dir, step, preempted, nonfinite_total, last_metrics, unwrapped, ema.model)
 
 
 @torch.no_grad()
