@@ -156,6 +156,7 @@ class VAEOptions:
     lpips_weight: float = option(1.0, "LPIPS weight")
     kl_weight: float = option(1e-6, "KL weight")
     gan_weight: float = option(0.1, "generator adversarial weight (constant from step 0)")
+    disc_layers: int = option(3, "PatchGAN discriminator layers (REPA-E: 3)")
     lpips_weights: str | None = option(None, "LPIPS linear-layer weights file (lpips v0.1 vgg.pth)")
     vgg_weights: str | None = option(None, "torchvision VGG16 weights file for LPIPS")
 

@@ -216,7 +216,10 @@ class VAELoss(nn.Module):
     def __init__(self, config: VAELossConfig | None = None, lpips: LPIPS | None = None):
         super().__init__()
         self.config = config or VAELossConfig()
-        self.lpips = lpips if lpips is not None else LPIPS()
+        # With lpips_weight 0 no VGG is built (and no VGG/LPIPS weight files are needed).
+        if lpips is None and self.config.lpips_weight > 0:
+            lpips = LPIPS()
+        self.lpips = lpips
         self.discriminator = NLayerDiscriminator(
             channels=self.config.disc_channels, num_layers=self.config.disc_layers
         )
@@ -230,7 +233,9 @@ class VAELoss(nn.Module):
         c = self.config
         parts = {
             "l1": l1_loss(images, reconstructions),
-            "lpips": self.lpips(images, reconstructions).mean(),
+            "lpips": self.lpips(images, reconstructions).mean()
+            if self.lpips is not None
+            else images.new_zeros(()),
             "kl": kl_loss(mean, logvar),
             "gan": generator_adversarial_loss(self.discriminator(reconstructions)),
         }

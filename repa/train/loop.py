@@ -32,7 +32,7 @@ from repa.config import ExperimentConfig, save_config
 from repa.train import checkpoint as ckpt
 from repa.train.ema import EMA
 from repa.train.logging import MetricsLogger
-from repa.train.methods import DenoisingMethod
+from repa.train.methods import DenoisingMethod, REPAEMethod
 
 
 @dataclass
@@ -211,6 +211,115 @@ def cached_fields(config: ExperimentConfig, manifest: dict, tokenizer, encoders)
     return bool(with_latents), bool(with_features)
 
 
+def adamw(params, lr: float, config: ExperimentConfig) -> torch.optim.AdamW:
+    optim = config.optim
+    return torch.optim.AdamW(
+        params,
+        lr=lr,
+        betas=(optim.adam_beta1, optim.adam_beta2),
+        weight_decay=optim.adam_weight_decay,
+        eps=optim.adam_epsilon,
+        fused=True,
+    )
+
+
+def init_latent_batchnorm(model, tokenizer) -> None:
+    """REPA-E: start the SiT's latent BatchNorm at the tokenizer's statistics (mean = bias,
+    var = 1 / scale^2), so step 0 normalises like the tokenizer would."""
+    norm = tokenizer.latent_norm
+    channels = model.bn.running_mean.numel()
+    model.bn.running_mean.copy_(norm.bias.float().flatten().expand(channels))
+    model.bn.running_var.copy_((1.0 / norm.scale.float().flatten() ** 2).expand(channels))
+
+
+def export_e2e_vae(tokenizer, ema_model, directory: Path) -> None:
+    """REPA-E's deliverable: the trained VAE and its latent statistics read from the EMA model's
+    BatchNorm, in the layout `--tokenizer PATH` (LDM-only training, sampling) loads."""
+    from repa.tokenizers import save_latent_stats
+
+    weights = {k: v.detach().cpu().contiguous() for k, v in tokenizer.autoencoder_state_dict().items()}
+    ckpt.save_file(weights, directory / "e2e-vae.pt")
+    bn = ema_model.bn
+    save_latent_stats(
+        directory / "e2e-vae-latents-stats.pt", bn.running_mean, torch.sqrt(bn.running_var + bn.eps)
+    )
+
+
+def make_gradient_sync(world: int):
+    """Average gradients over processes with one collective, for the modules REPA-E trains
+    outside DDP (VAE, discriminator). Returns whether every process's gradients were finite."""
+
+    def sync(params: list[torch.Tensor]) -> bool:
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return True
+        flat = torch.cat([g.flatten().float() for g in grads])
+        if world > 1:
+            torch.distributed.all_reduce(flat)  # a NaN anywhere makes the sum NaN everywhere
+            flat /= world
+            offset = 0
+            for grad in grads:
+                grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+                offset += grad.numel()
+        return bool(torch.isfinite(flat).all())
+
+    return sync
+
+
+def build_method(config: ExperimentConfig, tokenizer, encoders, model, accelerator):
+    from repa.transport import create_time_sampler
+
+    time_options = {}
+    if config.transport.time_sampler != "uniform":
+        time_options = {"location": config.transport.time_loc, "scale": config.transport.time_scale}
+    common = dict(
+        tokenizer=tokenizer,
+        encoders=encoders,
+        path=config.transport.path_type,
+        time_sampler=create_time_sampler(config.transport.time_sampler, **time_options),
+        proj_coeff=config.model.proj_coeff,
+        autocast=accelerator.autocast,
+    )
+    if config.method != "repa-e":
+        return DenoisingMethod(**common)
+    from repa.tokenizers.losses import LPIPS, VAELoss, VAELossConfig
+
+    vae = config.vae
+    lpips = LPIPS(vae.lpips_weights, vae.vgg_weights) if vae.lpips_weight > 0 else None
+    loss_config = VAELossConfig(
+        l1_weight=vae.l1_weight,
+        lpips_weight=vae.lpips_weight,
+        kl_weight=vae.kl_weight,
+        gan_weight=vae.gan_weight,
+        disc_layers=vae.disc_layers,
+    )
+    vae_loss = VAELoss(loss_config, lpips=lpips).to(accelerator.device)
+    return REPAEMethod(
+        **common,
+        sit=model,
+        vae_loss=vae_loss,
+        vae_optimizer=adamw(
+            [p for p in tokenizer.parameters() if p.requires_grad], vae.vae_learning_rate, config
+        ),
+        disc_optimizer=adamw(list(vae_loss.discriminator.parameters()), vae.disc_learning_rate, config),
+        vae_align_coeff=vae.vae_align_coeff,
+        max_grad_norm=config.optim.max_grad_norm,
+        sync_gradients=make_gradient_sync(accelerator.num_processes),
+    )
+
+
+def warn_config_changes(saved: dict, current: dict, is_main: bool) -> None:
+    """Resuming with other settings is allowed (e.g. more steps) but never silent."""
+    changes = []
+    for section, values in current.items():
+        for key, value in values.items():
+            before = saved.get(section, {}).get(key, value)
+            if before != value and key not in ("resume",):
+                changes.append(f"{section}.{key}: {before!r} -> {value!r}")
+    if changes and is_main:
+        print("resuming with a changed configuration:\n  " + "\n  ".join(changes), file=sys.stderr)
+
+
 def _matching_patch(latent_size: int, num_tokens: int) -> str:
     side = math.isqrt(num_tokens)
     if side * side == num_tokens and latent_size % side == 0:
@@ -225,13 +334,14 @@ def train(config: ExperimentConfig) -> TrainResult:
 
     from repa.data.shards import expand_shard_urls
     from repa.data.stream import make_train_stream
-    from repa.transport import create_time_sampler
 
     config.validate()
-    if config.method == "repa-e":
+    if config.method == "repa-e" and config.run.mixed_precision == "fp16":
         raise ValueError(
-            "--method repa-e is not available in this version of the loop yet; use sit, repa or ldm"
+            "--method repa-e trains three optimisers; use --mixed-precision bf16 or no, not fp16"
         )
+    if config.method == "repa-e" and config.optim.gradient_accumulation_steps != 1:
+        raise ValueError("--method repa-e does not support --gradient-accumulation-steps > 1")
     if config.run.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("--mixed-precision fp16 needs a CUDA GPU; on CPU use bf16 or no")
     if not config.data.data:
@@ -267,55 +377,39 @@ def train(config: ExperimentConfig) -> TrainResult:
 
     torch.manual_seed(derive_seed(config.run.seed, 0, -1))  # identical initial weights on every rank
     tokenizer, encoders, model = build_parts(config, device)
+    if config.method == "repa-e":
+        tokenizer.unfreeze()
+        init_latent_batchnorm(model, tokenizer)
+        if world > 1 and torch.cuda.is_available():
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ema = EMA(model, decay=config.optim.ema_decay)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        trainable,
-        lr=config.optim.learning_rate,
-        betas=(config.optim.adam_beta1, config.optim.adam_beta2),
-        weight_decay=config.optim.adam_weight_decay,
-        eps=config.optim.adam_epsilon,
-        fused=True,
-    )
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], config.optim.learning_rate, config)
+    method = build_method(config, tokenizer, encoders, model, accelerator)
 
     # --- resume -----------------------------------------------------------------------------
-    step, nonfinite_total = 0, 0
+    step, nonfinite_total, scaler_state = 0, 0, None
     resume_from = ckpt.resolve_resume(config.run.resume, checkpoints_dir)
     if resume_from is not None:
-        state = ckpt.load_file(resume_from / "model.pt")
-        model.load_state_dict(state["model"])
         from safetensors.torch import load_file
 
+        state = ckpt.load_file(resume_from / "model.pt")
+        warn_config_changes(state.get("config", {}), config.to_dict(), accelerator.is_main_process)
+        model.load_state_dict(state["model"])
         ema.load_state_dict(load_file(resume_from / "ema.safetensors"))
         optimizer.load_state_dict(state["optimizer"])
+        method.load_state_dict(state.get("method", {}))
         step, nonfinite_total = int(state["step"]), int(state.get("nonfinite_steps", 0))
+        scaler_state = state.get("scaler")
         rng_file = resume_from / f"rng-rank{rank}.pt"
-        if rng_file.exists():
+        if rng_file.exists():  # absent when the world size grew; the per-step reseed covers it
             ckpt.restore_rng_state(ckpt.load_file(rng_file))
-        _scaler_state = state.get("scaler")
-    else:
-        _scaler_state = None
 
     compiled = torch.compile(model) if config.run.compile else model
     prepared_model, optimizer = accelerator.prepare(compiled, optimizer)
-    if _scaler_state and accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(_scaler_state)
+    if scaler_state and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(scaler_state)
     unwrapped = model  # the module whose weights we save and average (accelerator.unwrap_model)
 
-    method = DenoisingMethod(
-        tokenizer,
-        encoders,
-        path=config.transport.path_type,
-        time_sampler=create_time_sampler(
-            config.transport.time_sampler,
-            **(
-                {"location": config.transport.time_loc, "scale": config.transport.time_scale}
-                if config.transport.time_sampler != "uniform"
-                else {}
-            ),
-        ),
-        proj_coeff=config.model.proj_coeff,
-    )
     with_latents, with_features = cached_fields(config, manifest, tokenizer, encoders)
     stream = make_train_stream(
         config.data.data,
@@ -361,9 +455,12 @@ def train(config: ExperimentConfig) -> TrainResult:
                     "step": at_step,
                     "nonfinite_steps": nonfinite_total,
                     "config": config.to_dict(),
+                    "method": method.state_dict(),
                 },
                 staging / "model.pt",
             )
+            if config.method == "repa-e":
+                export_e2e_vae(tokenizer, ema.model, staging)
             ema_state = {k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}
             save_file(
                 ema_state, staging / "ema.safetensors", metadata={"config": json.dumps(config.to_dict())}
@@ -397,8 +494,7 @@ def train(config: ExperimentConfig) -> TrainResult:
             loss_sum = torch.zeros((), device=device)
             for micro in range(accum):
                 batch = next(data_iter)
-                with accelerator.autocast():
-                    inputs = method.prepare(batch, device)
+                inputs = method.prepare(batch, device)
                 sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(prepared_model)
                 with sync:
                     with accelerator.autocast():
@@ -512,7 +608,12 @@ def write_preview(model, tokenizer, config: ExperimentConfig, run_dir: Path, ste
         null_label=model.null_label,
         path=config.transport.path_type,
     )
-    images = tokenizer.decode(latents)  # uint8 (B, 3, H, W)
+    if model.config.latent_batchnorm:  # REPA-E: the SiT's BatchNorm holds the latent statistics
+        from repa.tokenizers.base import float_to_images
+
+        images = float_to_images(tokenizer.decode_float(model.denormalize_latents(latents)))
+    else:
+        images = tokenizer.decode(latents)  # uint8 (B, 3, H, W)
     path = run_dir / "samples" / f"step-{step:08d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image_grid(images, path)
