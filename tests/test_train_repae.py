@@ -1,7 +1,5 @@
 """REPA-E end to end on a tiny VAE: which step updates what, stop-gradient, export, resume."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
