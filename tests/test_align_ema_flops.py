@@ -137,9 +137,20 @@ def test_count_flops_sees_attention_on_real_tensors():
     assert flops == 3 * 640 + 800 + 800 + 640
 
 
-def test_repa_flops_cli_prints_dit_xl2(capsys):
+def test_repa_flops_cli_prints_dit_xl2_and_sd_vae(capsys):
     from repa.cli import main
 
-    assert main(["flops", "DiT-XL/2"]) == 0
-    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("DiT-XL/2")][0]
+    assert main(["flops", "DiT-XL/2", "sd-vae-ft-mse"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = [line for line in lines if line.startswith("DiT-XL/2")][0]
     assert "675.1" in row and "118.62" in row
+    total = [line for line in lines if line.startswith("sd-vae-ft-mse total")][0]
+    assert float(total.split()[-1]) == pytest.approx(445.87, rel=0.01)  # the seed's figure
+    assert any(line.startswith("sd-vae-ft-mse encoder") for line in lines)
+
+
+def test_repa_flops_cli_rejects_unknown_names(capsys):
+    from repa.cli import main
+
+    assert main(["flops", "SiT-XXL/2"]) == 2
+    assert "unknown model or tokenizer 'SiT-XXL/2'" in capsys.readouterr().err
