@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 
@@ -41,7 +42,12 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in metrics.items()}}
+        # "time" (wall clock) lets curves put hours on the x-axis.
+        record = {
+            "step": step,
+            "time": time.time(),
+            **{k: (v if math.isfinite(v) else str(v)) for k, v in metrics.items()},
+        }
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self._tensorboard is not None:
