@@ -17,8 +17,12 @@ import sys
 VERBS: dict[str, tuple[str, str]] = {
     "data": ("data", "build, verify and inspect webdataset shards; synthetic demo images"),
     "train": ("train", "train SiT / REPA / LDM models (accelerate or torchrun for many processes)"),
+    "sample": ("sample", "sample a run or checkpoint into the ADM evaluator's .npz (resumable, multi-GPU)"),
+    "eval": ("eval", "FID, sFID, IS, precision/recall, FD-DINOv2 of samples against a reference"),
+    "curves": ("curves", "metric-vs-step curves of runs and the speed-up over a baseline run"),
     "flops": ("flops", "parameters and forward GFLOPs of models and tokenizers"),
     "tokenizer": ("tokenizer", "tokenizer utilities: latent statistics in REPA-E's stats-file format"),
+    "bench": ("bench", "training, sampling and data throughput side by side, written as JSON"),
 }
 
 

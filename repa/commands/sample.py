@@ -1,0 +1,98 @@
+"""`repa sample RUN_OR_CHECKPOINT --num-samples N --output FILE.npz`: samples for the ADM evaluator.
+
+Runs as one process or under `accelerate launch -m repa sample ...` / `torchrun -m repa sample ...`;
+the sample set is the same either way, and an interrupted run resumes when rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
+    """Sampler flags shared by `repa sample` and `repa curves` (defaults: REPA's published settings)."""
+    group = parser.add_argument_group("sampler (defaults: REPA's SDE 250 steps, CFG 1.8 on [0, 0.7])")
+    group.add_argument("--mode", choices=("sde", "ode"), default="sde", help="SDE (Euler-Maruyama) or ODE")
+    group.add_argument("--method", choices=("euler", "heun"), default="euler", help="ODE integrator")
+    group.add_argument("--num-steps", type=int, default=250, help="sampling steps (default 250)")
+    group.add_argument("--cfg-scale", type=float, default=1.8, help="classifier-free guidance scale")
+    group.add_argument("--guidance-low", type=float, default=0.0, help="guidance interval start (t=0 data)")
+    group.add_argument("--guidance-high", type=float, default=0.7, help="guidance interval end (t=1 noise)")
+    group.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="model precision")
+    group.add_argument("--labels", choices=("balanced", "random"), default="balanced", help="class labels")
+    group.add_argument("--seed", type=int, default=0, help="seed of the whole sample set")
+    group.add_argument("--batch-size", type=int, default=64, help="GLOBAL batch, split across processes")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Overrides for checkpoints without a config (published REPA / REPA-E files)."""
+    group = parser.add_argument_group("model (only needed for checkpoints without a config)")
+    group.add_argument("--model", default=None, help="size name, e.g. SiT-XL/2 (inferred when unique)")
+    group.add_argument("--tokenizer", default=None, help="decoding tokenizer, e.g. sd-vae-ft-ema or a path")
+    group.add_argument("--tokenizer-weights", default=None, help="local tokenizer weights file or folder")
+    group.add_argument("--tokenizer-stats", default=None, help="latents-stats file (REPA-E format)")
+    group.add_argument("--path-type", choices=("linear", "cosine"), default=None, help="interpolant")
+
+
+def sampler_settings_from_args(args: argparse.Namespace):
+    from repa.eval.sample import SamplerSettings
+
+    return SamplerSettings(
+        mode=args.mode,
+        method=args.method,
+        num_steps=args.num_steps,
+        cfg_scale=args.cfg_scale,
+        guidance_low=args.guidance_low,
+        guidance_high=args.guidance_high,
+        precision=args.precision,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "source", metavar="RUN_OR_CHECKPOINT", help="run dir, checkpoint folder, or weights file"
+    )
+    parser.add_argument("--num-samples", type=int, default=50_000, help="images to sample (default 50000)")
+    parser.add_argument("--output", required=True, help="the .npz to write (arr_0: uint8 N x H x W x 3)")
+    parser.add_argument("--checkpoint-step", type=int, default=None, help="step of a run (default: newest)")
+    parser.add_argument("--grid", default=None, help="also save a PNG grid of the first 64 images")
+    parser.add_argument(
+        "--chunk-size", type=int, default=500, help="images per resumable chunk file (default 500)"
+    )
+    parser.add_argument("--keep-parts", action="store_true", help="keep the chunk files after merging")
+    add_sampler_arguments(parser)
+    add_model_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    from repa.eval.checkpoints import load_generator
+    from repa.eval.sample import sample_to_npz
+
+    if not args.output.endswith(".npz"):
+        raise ValueError(f"--output must be a .npz file (the ADM evaluator's format), got {args.output}")
+    generator = load_generator(
+        args.source,
+        checkpoint_step=args.checkpoint_step,
+        model=args.model,
+        tokenizer=args.tokenizer,
+        tokenizer_weights=args.tokenizer_weights,
+        tokenizer_stats=args.tokenizer_stats,
+        path_type=args.path_type,
+    )
+    output = sample_to_npz(
+        generator,
+        args.output,
+        num_samples=args.num_samples,
+        settings=sampler_settings_from_args(args),
+        seed=args.seed,
+        labels=args.labels,
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        grid=args.grid,
+        keep_parts=args.keep_parts,
+    )
+    if os.environ.get("RANK", "0") == "0":
+        print(f"wrote {output} ({args.num_samples} samples, step {generator.step})")
+    return 0

@@ -1,0 +1,315 @@
+"""Rebuild a sampler-ready model from a run directory, a checkpoint folder or a published file.
+
+    generator = load_generator("runs/repa-sit-xl2")                 # newest complete checkpoint
+    generator = load_generator("runs/x", checkpoint_step=400_000)   # that step
+    generator = load_generator("last.pt", tokenizer="sd-vae-ft-ema") # published REPA checkpoint
+    images = generator.decode(latents)                               # uint8 (B, 3, H, W)
+
+Sources, in order of preference for each fact:
+  weights   RUN/checkpoints/step-N/ema.safetensors (only folders with COMPLETE.json count), or a
+            .safetensors / .pt file (REPA's {"ema", "model", ...}; bare state dicts too).
+  config    the safetensors metadata "config", a "config" entry of a .pt, or RUN/config.yaml.
+            Without one (published checkpoints) the architecture is read off the state dict:
+            patch size and channels from x_embedder.proj.weight, the latent size from pos_embed,
+            num_classes = rows of y_embedder.embedding_table.weight - 1, depth from block keys,
+            projector widths from projectors.k.{0,4}.weight, qk-norm and REPA-E's latent
+            BatchNorm from their keys; the size name (heads) from --model or, when unique, from
+            the registry entry with that depth, width and patch size. --tokenizer is then required.
+Eval reads checkpoints; it never imports the training loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from repa.train.checkpoint import COMPLETE, is_complete, latest_checkpoint, list_checkpoints
+
+EMA_FILE = "ema.safetensors"
+
+
+@dataclass
+class Generator:
+    """A SiT and the tokenizer that decodes its samples."""
+
+    model: torch.nn.Module  # repa.models.SiT, eval mode
+    tokenizer: torch.nn.Module  # repa.tokenizers.Tokenizer, frozen
+    resolution: int  # image side in pixels
+    path_type: str  # interpolant the model was trained with ("linear" | "cosine")
+    weights_path: Path | None = None  # None for a model handed over in memory (periodic eval)
+    step: int | None = None  # training step, when known
+    run_dir: Path | None = None
+    config: object | None = None  # repa.config.ExperimentConfig, when the checkpoint has one
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.config.num_classes
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        c = self.model.config
+        return (c.in_channels, c.input_size, c.input_size)
+
+    @property
+    def identity(self) -> dict:
+        """What identifies these weights in caches: path, size and modification time."""
+        if self.weights_path is None:
+            return {"weights": None, "step": self.step}
+        stat = self.weights_path.stat()
+        return {
+            "weights": str(self.weights_path.resolve()),
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+        }
+
+    def to(self, device: torch.device | str) -> Generator:
+        self.model.to(device)
+        self.tokenizer.to(device)
+        return self
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Sampled latents (B, C, h, w) in the model's space -> uint8 images (B, 3, H, W), rounded."""
+        from repa.tokenizers.base import float_to_images
+
+        latents = latents.float()
+        if self.model.config.latent_batchnorm:
+            # REPA-E: the SiT works on BatchNorm-normalised VAE latents; undo it with the EMA
+            # running statistics, then decode the raw latents (the tokenizer's own scale is unused).
+            images = float_to_images(self.tokenizer.decode_float(self.model.denormalize_latents(latents)))
+        else:
+            images = self.tokenizer.decode(latents)
+        assert images.dtype == torch.uint8, "decoders must return rounded uint8 images"
+        return images
+
+
+# ---- locating the weights ------------------------------------------------------------------------
+
+
+def resolve_checkpoint(
+    path: str | os.PathLike, checkpoint_step: int | None = None
+) -> tuple[Path, int | None]:
+    """(weights file, training step or None) for a run dir, checkpoint folder or weights file."""
+    path = Path(path)
+    if path.is_file():
+        return path, checkpoint_step
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such run directory, checkpoint folder or weights file")
+    if is_complete(path):
+        return path / EMA_FILE, json.loads((path / COMPLETE).read_text())["step"]
+    checkpoints_dir = path / "checkpoints"
+    if not checkpoints_dir.is_dir():
+        if re.match(r"^step-\d+$", path.name):
+            raise FileNotFoundError(
+                f"{path} is an incomplete checkpoint (no {COMPLETE}): it was never committed"
+            )
+        raise FileNotFoundError(
+            f"{path} is neither a run directory (no checkpoints/) nor a checkpoint folder"
+        )
+    found = list_checkpoints(checkpoints_dir)
+    if checkpoint_step is None:
+        latest = latest_checkpoint(checkpoints_dir)
+        if latest is None:
+            raise FileNotFoundError(f"{path}: no complete checkpoint in {checkpoints_dir}")
+        return latest / EMA_FILE, json.loads((latest / COMPLETE).read_text())["step"]
+    for step, folder in found:
+        if step == checkpoint_step:
+            return folder / EMA_FILE, step
+    available = ", ".join(str(step) for step, _ in found) or "none"
+    raise FileNotFoundError(
+        f"{path}: no complete checkpoint at step {checkpoint_step}; complete steps: {available}"
+    )
+
+
+def _run_dir_of(weights: Path) -> Path | None:
+    folder = weights.parent
+    if folder.parent.name == "checkpoints" and (folder.parent.parent / "config.yaml").is_file():
+        return folder.parent.parent
+    return None
+
+
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(SiT state dict, config dict or None) from a .safetensors or .pt/.pth file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} not found")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        config = json.loads(metadata["config"]) if "config" in metadata else None
+        return load_file(str(path)), config
+    # REPA pickles its argparse Namespace next to the weights; allow exactly that class.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    from repa.models import unwrap_checkpoint
+
+    config = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else None
+    return unwrap_checkpoint(checkpoint, prefer="ema"), config
+
+
+# ---- architecture from a state dict --------------------------------------------------------------
+
+
+def infer_architecture(state_dict: dict[str, torch.Tensor]) -> dict:
+    """SiTConfig fields that the weights' shapes and key names determine."""
+    from repa.models import convert_legacy_state_dict
+
+    legacy_encoder_blocks = {int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")}
+    if any(k.startswith("decoder_blocks.") for k in state_dict):
+        state_dict = convert_legacy_state_dict(state_dict, align_depth=len(legacy_encoder_blocks))
+    try:
+        hidden, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
+        num_tokens = state_dict["pos_embed"].shape[1]
+        table_rows = state_dict["y_embedder.embedding_table.weight"].shape[0]
+    except KeyError as error:
+        raise ValueError(f"not a SiT state dict: missing {error}") from None
+    grid = round(num_tokens**0.5)
+    depth = len({int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")})
+    projectors = sorted({int(k.split(".")[1]) for k in state_dict if k.startswith("projectors.")})
+    out_features = state_dict["final_layer.linear.weight"].shape[0]
+    architecture = dict(
+        hidden_size=int(hidden),
+        depth=depth,
+        patch_size=int(patch),
+        in_channels=int(in_channels),
+        input_size=grid * int(patch),
+        num_classes=int(table_rows) - 1,
+        qk_norm=any(".attn.q_norm." in k for k in state_dict),
+        latent_batchnorm="bn.running_mean" in state_dict,
+        learn_sigma=out_features == 2 * patch * patch * in_channels,
+        projector_out_dims=[int(state_dict[f"projectors.{k}.4.weight"].shape[0]) for k in projectors],
+    )
+    if projectors:
+        architecture["projector_dim"] = int(state_dict["projectors.0.0.weight"].shape[0])
+        # The tap depth does not change the velocity; legacy files tell it, otherwise REPA's 8.
+        architecture["align_depth"] = len(legacy_encoder_blocks) if legacy_encoder_blocks else min(8, depth)
+    return architecture
+
+
+def infer_model_name(architecture: dict) -> str:
+    """The registered SiT name with this depth, width and patch size (heads come from it)."""
+    from repa.models import MODELS
+
+    matches = [
+        name
+        for name, defaults in MODELS.items()
+        if name.startswith("SiT-")
+        and defaults.get("depth") == architecture["depth"]
+        and defaults.get("hidden_size") == architecture["hidden_size"]
+        and defaults.get("patch_size") == architecture["patch_size"]
+    ]
+    if len(matches) != 1:
+        raise ValueError(
+            f"cannot tell the model size of a checkpoint with depth {architecture['depth']}, width "
+            f"{architecture['hidden_size']}, patch {architecture['patch_size']}: pass --model (e.g. SiT-XL/2)"
+        )
+    return matches[0]
+
+
+# ---- the generator -------------------------------------------------------------------------------
+
+
+def load_generator(
+    path: str | os.PathLike,
+    *,
+    checkpoint_step: int | None = None,
+    model: str | None = None,
+    tokenizer: str | None = None,
+    tokenizer_weights: str | None = None,
+    tokenizer_stats: str | None = None,
+    path_type: str | None = None,
+    num_heads: int | None = None,
+    device: torch.device | str = "cpu",
+) -> Generator:
+    """Load the EMA SiT of a run / checkpoint / weights file and the tokenizer that decodes it.
+
+    model, tokenizer, tokenizer_weights, tokenizer_stats: override the checkpoint's config; needed
+    (tokenizer at least) for published checkpoints, which carry no config. A run's
+    `decode_tokenizer` (REPA decodes with sd-vae-ft-ema) is used when set.
+    path_type: the interpolant ("linear" | "cosine"); default from the config, else linear.
+    num_heads: attention heads of a config-less checkpoint whose size is not registered (the
+        weights do not tell the head count; registered sizes give it).
+    """
+    from repa.models import create_model, load_state_dict_strict
+    from repa.tokenizers import create_tokenizer
+
+    weights_path, step = resolve_checkpoint(path, checkpoint_step)
+    run_dir = _run_dir_of(weights_path)
+    state_dict, config_dict = read_weights(weights_path)
+    if config_dict is None and run_dir is not None:
+        import yaml
+
+        config_dict = yaml.safe_load((run_dir / "config.yaml").read_text())
+    architecture = infer_architecture(state_dict)
+
+    config = None
+    if config_dict is not None:
+        from repa.config import ExperimentConfig
+
+        config = ExperimentConfig.from_dict(config_dict)
+        tokenizer_name = tokenizer or config.tokenizer.decode_tokenizer or config.tokenizer.tokenizer
+        tokenizer_weights = tokenizer_weights or (None if tokenizer else config.tokenizer.tokenizer_weights)
+        tokenizer_stats = tokenizer_stats or (None if tokenizer else config.tokenizer.tokenizer_stats)
+        resolution = config.data.resolution
+        path_type = path_type or config.transport.path_type
+    else:
+        if tokenizer is None:
+            raise ValueError(
+                f"{weights_path} carries no config: pass --tokenizer (REPA decodes with sd-vae-ft-ema, "
+                "REPA-E with its E2E-VAE file) and, if its size is ambiguous, --model"
+            )
+        tokenizer_name, resolution = tokenizer, None
+
+    tokenizer_module = create_tokenizer(
+        tokenizer_name, resolution=resolution or 256, weights=tokenizer_weights, stats=tokenizer_stats
+    )
+    if resolution is None:
+        resolution = architecture["input_size"] * tokenizer_module.downsample
+    latent_size = tokenizer_module.latent_size(resolution)
+    if (
+        latent_size != architecture["input_size"]
+        or tokenizer_module.latent_channels != architecture["in_channels"]
+    ):
+        expected = "x".join(str(architecture[k]) for k in ("in_channels", "input_size", "input_size"))
+        raise ValueError(
+            f"tokenizer '{tokenizer_name}' makes {tokenizer_module.latent_channels}x{latent_size}x"
+            f"{latent_size} latents at {resolution}px, but the checkpoint expects {expected}: "
+            "pass the tokenizer it was trained with"
+        )
+
+    if config is not None:
+        overrides = config.model_overrides(
+            input_size=latent_size,
+            in_channels=architecture["in_channels"],
+            projector_dims=architecture["projector_out_dims"],
+        )
+        overrides["latent_batchnorm"] = architecture["latent_batchnorm"]
+        name = model or config.model.name
+    else:
+        name = model or infer_model_name(architecture)
+        overrides = dict(architecture)
+        if num_heads is not None:
+            overrides["num_heads"] = num_heads
+    sit = create_model(name, **overrides)
+    load_state_dict_strict(sit, state_dict)
+    sit.eval().requires_grad_(False)
+    tokenizer_module.eval().requires_grad_(False)
+    generator = Generator(
+        model=sit,
+        tokenizer=tokenizer_module,
+        resolution=resolution,
+        path_type=path_type or "linear",
+        weights_path=weights_path,
+        step=step,
+        run_dir=run_dir,
+        config=config,
+    )
+    return generator.to(device)

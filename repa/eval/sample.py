@@ -1,0 +1,382 @@
+"""Sample N images for evaluation, on any number of processes, into the ADM evaluator's `.npz`.
+
+The sample set is a function of (weights, sampler settings, N, seed, label scheme) only:
+  - seeds: sample i draws its initial noise and every SDE increment from its own generator,
+    seeded by `sample_seed(seed, i)` (numpy SeedSequence of [seed, i]), so neither the batch it
+    lands in nor the number of processes changes it;
+  - labels: "balanced" (default) gives sample i the class perm_b[i % K] with b = i // K, where
+    perm_b is a permutation of the K classes drawn from numpy's generator seeded by
+    [seed, 1, b]: every consecutive block of K samples holds each class once, so 50,000 samples
+    of ImageNet have exactly 50 per class (ADM/REPA protocol) and any prefix of whole blocks is
+    balanced. "random": i.i.d. uniform classes from the generator seeded by [seed, 2].
+
+Work is split in chunks of `chunk_size` consecutive indices. Each process takes every
+world-th chunk not yet on disk (processes rank, rank + world, ... of the remaining list), writes
+each finished chunk atomically to `OUTPUT.parts/chunk-XXXXXX.npz`, and rank 0 merges them in
+index order into OUTPUT (streamed, temporary file + rename). An interrupted run restarted with
+the same command skips finished chunks: no sample is made twice or lost, whatever the new world
+size or batch size. `OUTPUT.parts/settings.json` records what the chunks were made with; a
+restart with different settings is refused rather than mixed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from repa.eval.checkpoints import Generator
+from repa.eval.npz import iter_npz_rows, write_npz_streaming
+
+LABEL_SCHEMES = ("balanced", "random")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+_BALANCED_STREAM, _RANDOM_STREAM = 1, 2
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How to integrate: REPA's published settings are the defaults (SDE, 250 steps, CFG 1.8 on [0, 0.7])."""
+
+    mode: str = "sde"
+    method: str = "euler"
+    num_steps: int = 250
+    cfg_scale: float = 1.8
+    guidance_low: float = 0.0
+    guidance_high: float = 0.7
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast for the model; the state stays float32)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---- what each sample is -------------------------------------------------------------------------
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample `index`: 63 bits from numpy's SeedSequence([seed, index])."""
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and index must be >= 0, got {seed}, {index}")
+    low, high = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32)
+    return int(high & 0x7FFFFFFF) << 32 | int(low)
+
+
+def class_labels(num_samples: int, num_classes: int, seed: int, scheme: str = "balanced") -> np.ndarray:
+    """int64 (num_samples,) class labels; see the module docstring for the two schemes."""
+    if scheme == "balanced":
+        blocks = math.ceil(num_samples / num_classes)
+        perms = [
+            np.random.default_rng([seed, _BALANCED_STREAM, b]).permutation(num_classes) for b in range(blocks)
+        ]
+        return np.concatenate(perms)[:num_samples].astype(np.int64) if perms else np.zeros(0, np.int64)
+    if scheme == "random":
+        return (
+            np.random.default_rng([seed, _RANDOM_STREAM])
+            .integers(0, num_classes, num_samples)
+            .astype(np.int64)
+        )
+    raise ValueError(f"unknown label scheme {scheme!r}; choose one of: {', '.join(LABEL_SCHEMES)}")
+
+
+# ---- sampling batches ----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate_batch(
+    generator: Generator,
+    labels: torch.Tensor,
+    seeds: list[int],
+    settings: SamplerSettings,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """uint8 images (B, 3, H, W) for these labels (B,) and per-sample seeds."""
+    from repa.transport import sample
+
+    device = torch.device(device) if device is not None else next(generator.model.parameters()).device
+    autocast_dtype = PRECISIONS[settings.precision]
+    with torch.autocast(
+        device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+    ):
+        latents = sample(
+            generator.model.velocity,
+            generator.latent_shape,
+            labels.to(device),
+            seeds,
+            mode=settings.mode,
+            method=settings.method,
+            num_steps=settings.num_steps,
+            cfg_scale=settings.cfg_scale,
+            guidance_low=settings.guidance_low,
+            guidance_high=settings.guidance_high,
+            null_label=generator.model.null_label,
+            path=generator.path_type,
+        )
+    return generator.decode(latents)  # decoded in float32, rounded to uint8
+
+
+def generate_indices(
+    generator: Generator,
+    indices: np.ndarray,
+    labels: np.ndarray,
+    settings: SamplerSettings,
+    *,
+    seed: int,
+    batch_size: int,
+    device: torch.device | str | None = None,
+) -> Iterator[torch.Tensor]:
+    """uint8 (b, 3, H, W) batches of the given sample indices, with labels[indices]."""
+    for start in range(0, len(indices), batch_size):
+        batch_indices = indices[start : start + batch_size]
+        batch_labels = torch.from_numpy(labels[batch_indices])
+        seeds = [sample_seed(seed, int(i)) for i in batch_indices]
+        yield generate_batch(generator, batch_labels, seeds, settings, device)
+
+
+def generate_images(
+    generator: Generator,
+    num_samples: int,
+    settings: SamplerSettings,
+    *,
+    seed: int = 0,
+    labels: str = "balanced",
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+) -> Iterator[torch.Tensor]:
+    """In-process stream of the first `num_samples` images of the set (periodic eval, curves)."""
+    all_labels = class_labels(num_samples, generator.num_classes, seed, labels)
+    yield from generate_indices(
+        generator,
+        np.arange(num_samples),
+        all_labels,
+        settings,
+        seed=seed,
+        batch_size=batch_size,
+        device=device,
+    )
+
+
+# ---- chunks on disk ------------------------------------------------------------------------------
+
+
+def parts_dir_for(output: str | os.PathLike) -> Path:
+    return Path(f"{output}.parts")
+
+
+def _chunk_path(parts_dir: Path, chunk: int) -> Path:
+    return parts_dir / f"chunk-{chunk:06d}.npz"
+
+
+def _save_atomic(path: Path, **arrays: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def prepare_parts(parts_dir: Path, record: dict) -> None:
+    """Create the parts folder with its settings record, or check an existing one matches."""
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    settings_path = parts_dir / "settings.json"
+    if settings_path.is_file():
+        existing = json.loads(settings_path.read_text())
+        if existing != record:
+            changed = sorted(k for k in set(existing) | set(record) if existing.get(k) != record.get(k))
+            raise ValueError(
+                f"{parts_dir} holds chunks made with other settings (differs in {changed}); rerun with the "
+                f"original settings to resume, or delete {parts_dir} to start over"
+            )
+    else:
+        _write_json_atomic(settings_path, record)
+
+
+def _write_json_atomic(path: Path, record: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def pending_chunks(parts_dir: Path, num_samples: int, chunk_size: int) -> list[int]:
+    """Chunk numbers whose file is not on disk yet."""
+    total = math.ceil(num_samples / chunk_size)
+    return [c for c in range(total) if not _chunk_path(parts_dir, c).is_file()]
+
+
+def sample_chunks(
+    generator: Generator,
+    parts_dir: str | os.PathLike,
+    *,
+    num_samples: int,
+    settings: SamplerSettings,
+    seed: int = 0,
+    labels: str = "balanced",
+    batch_size: int = 64,
+    chunk_size: int = 500,
+    rank: int = 0,
+    world_size: int = 1,
+    pending: list[int] | None = None,
+    device: torch.device | str | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> int:
+    """One process's share: sample its chunks of the remaining list and write each atomically.
+
+    pending: the remaining chunks as all processes saw them at start (default: read from disk).
+    batch_size: this process's batch. on_chunk(chunk): called after each chunk is on disk.
+    Returns the number of images this process made.
+    """
+    parts_dir = Path(parts_dir)
+    pending = pending_chunks(parts_dir, num_samples, chunk_size) if pending is None else pending
+    all_labels = class_labels(num_samples, generator.num_classes, seed, labels)
+    made = 0
+    for chunk in pending[rank::world_size]:
+        indices = np.arange(chunk * chunk_size, min((chunk + 1) * chunk_size, num_samples))
+        batches = generate_indices(
+            generator, indices, all_labels, settings, seed=seed, batch_size=batch_size, device=device
+        )
+        images = torch.cat([b.cpu() for b in batches]).permute(0, 2, 3, 1).numpy()  # (n, H, W, 3) uint8
+        _save_atomic(
+            _chunk_path(parts_dir, chunk), images=images, indices=indices, labels=all_labels[indices]
+        )
+        made += len(indices)
+        if on_chunk is not None:
+            on_chunk(chunk)
+    return made
+
+
+def merge_chunks(
+    parts_dir: str | os.PathLike, output: str | os.PathLike, num_samples: int, chunk_size: int
+) -> Path:
+    """Stream every chunk, in index order, into OUTPUT (`arr_0` uint8 NHWC, `labels` int64)."""
+    parts_dir = Path(parts_dir)
+    missing = pending_chunks(parts_dir, num_samples, chunk_size)
+    if missing:
+        raise RuntimeError(f"cannot merge {parts_dir}: chunks {missing[:10]} are missing")
+    total = math.ceil(num_samples / chunk_size)
+    labels: list[np.ndarray] = []
+    with np.load(_chunk_path(parts_dir, 0)) as first:
+        image_shape = first["images"].shape[1:]
+
+    def chunks() -> Iterator[np.ndarray]:
+        for chunk in range(total):
+            with np.load(_chunk_path(parts_dir, chunk)) as data:
+                expected = np.arange(chunk * chunk_size, min((chunk + 1) * chunk_size, num_samples))
+                if not np.array_equal(data["indices"], expected):
+                    raise RuntimeError(
+                        f"chunk {chunk} in {parts_dir} holds indices other than {expected[[0, -1]]}"
+                    )
+                labels.append(data["labels"])
+                yield data["images"]
+
+    extra = lambda: {"labels": np.concatenate(labels)}  # noqa: E731 - read once the chunks are consumed
+    return write_npz_streaming(output, (num_samples, *image_shape), chunks(), extra=extra)
+
+
+# ---- the whole job -------------------------------------------------------------------------------
+
+
+def sample_to_npz(
+    generator: Generator,
+    output: str | os.PathLike,
+    *,
+    num_samples: int,
+    settings: SamplerSettings,
+    seed: int = 0,
+    labels: str = "balanced",
+    batch_size: int = 64,
+    chunk_size: int = 500,
+    grid: str | os.PathLike | None = None,
+    keep_parts: bool = False,
+    on_chunk: Callable[[int], None] | None = None,
+) -> Path:
+    """Sample `num_samples` images into OUTPUT on every process of the launch (or just this one).
+
+    batch_size is global, split across processes (as REPA's --batch-size). Works under
+    `accelerate launch` / `torchrun` (processes found through accelerate's PartialState) and as a
+    plain single process. A finished OUTPUT whose record (OUTPUT.json) matches is left as is.
+    """
+    from accelerate import PartialState
+
+    # Without cpu=True accelerate ignores torchrun's environment on machines without a GPU and
+    # every process would run alone (world size 1) over the same files.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    rank, world, device = state.process_index, state.num_processes, state.device
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != launched:
+        raise RuntimeError(f"launched with WORLD_SIZE={launched} but accelerate sees {world} process(es)")
+    output = Path(output)
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    record = {
+        "weights": generator.identity,
+        "step": generator.step,
+        "settings": settings.to_dict(),
+        "num_samples": num_samples,
+        "seed": seed,
+        "labels": labels,
+        "num_classes": generator.num_classes,
+        "chunk_size": chunk_size,
+        "image_size": generator.resolution,
+    }
+    record_path = Path(f"{output}.json")
+    if output.is_file():
+        if record_path.is_file() and json.loads(record_path.read_text()).get("sampling") == record:
+            return output
+        raise FileExistsError(
+            f"{output} exists and was made with other settings; remove it or pick another --output"
+        )
+    parts_dir = parts_dir_for(output)
+    if rank == 0:
+        prepare_parts(parts_dir, record)
+    state.wait_for_everyone()
+    if rank != 0:
+        prepare_parts(parts_dir, record)  # read-only check: the record exists now
+    pending = pending_chunks(parts_dir, num_samples, chunk_size)
+    state.wait_for_everyone()  # every process has the same list before anyone writes a chunk
+
+    generator.to(device)
+    start = time.perf_counter()
+    made = sample_chunks(
+        generator,
+        parts_dir,
+        num_samples=num_samples,
+        settings=settings,
+        seed=seed,
+        labels=labels,
+        batch_size=max(1, math.ceil(batch_size / world)),
+        chunk_size=chunk_size,
+        rank=rank,
+        world_size=world,
+        pending=pending,
+        device=device,
+        on_chunk=on_chunk,
+    )
+    elapsed = time.perf_counter() - start
+    state.wait_for_everyone()
+    if rank == 0:
+        merge_chunks(parts_dir, output, num_samples, chunk_size)
+        summary = {"sampling": record, "seconds": elapsed, "images_made_by_rank0": made, "world_size": world}
+        _write_json_atomic(record_path, summary)
+        if grid is not None:
+            from repa.utils.images import save_image_grid
+
+            first = next(iter_npz_rows(output, 64))  # (b, H, W, 3)
+            save_image_grid(first.transpose(0, 3, 1, 2), grid)
+        if not keep_parts:
+            import shutil
+
+            shutil.rmtree(parts_dir, ignore_errors=True)
+    state.wait_for_everyone()
+    return output
