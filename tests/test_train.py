@@ -234,6 +234,8 @@ def test_two_processes_match_one(shards, tmp_path):
                "--master_port", "29517", str(script), str(tmp_path / "two.json"),
                str(tmp_path / "digest")]  # fmt: skip
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    environment = json.loads((tmp_path / "two" / "run" / "environment.json").read_text())
+    assert environment["world_size"] == 2  # really distributed, not two lone processes
     rank0 = json.loads((tmp_path / "digest.rank0").read_text())
     rank1 = json.loads((tmp_path / "digest.rank1").read_text())
     assert rank0 == rank1  # parameters identical on both ranks

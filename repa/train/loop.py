@@ -96,10 +96,11 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _environment() -> dict:
+def _environment(world_size: int) -> dict:
     import accelerate
 
     return {
+        "world_size": world_size,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "accelerate": accelerate.__version__,
@@ -352,8 +353,16 @@ def train(config: ExperimentConfig) -> TrainResult:
     accelerator = Accelerator(
         mixed_precision=config.run.mixed_precision,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        # Without cpu=True, accelerate ignores torchrun's environment on a machine with no GPU and
+        # every process would train alone on the same data.
+        cpu=not torch.cuda.is_available(),
     )
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    launched_world = int(os.environ.get("WORLD_SIZE", world))
+    if launched_world != world:
+        raise RuntimeError(
+            f"launched with WORLD_SIZE={launched_world} but accelerate set up {world} process(es)"
+        )
     accum = config.optim.gradient_accumulation_steps
     per_rank = config.data.batch_size // accum
     if per_rank % world:
@@ -372,7 +381,7 @@ def train(config: ExperimentConfig) -> TrainResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_staging(checkpoints_dir)
         save_config(config, run_dir / "config.yaml")
-        (run_dir / "environment.json").write_text(json.dumps(_environment(), indent=1))
+        (run_dir / "environment.json").write_text(json.dumps(_environment(world), indent=1))
     accelerator.wait_for_everyone()
 
     torch.manual_seed(derive_seed(config.run.seed, 0, -1))  # identical initial weights on every rank
