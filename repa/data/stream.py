@@ -1,0 +1,436 @@
+"""Reading shards: an endless, resumable training stream per rank, and an in-order evaluation reader.
+
+Training stream (`make_train_stream`), per rank:
+  shards -> split by (rank, data-loader worker) -> resampled forever (a fresh seeded permutation of
+  the worker's own shards each pass) -> seeded shuffle buffer of raw samples -> decode to uint8
+  tensors, optional horizontal flip (with the cached moments of the flipped image) -> batch in the
+  worker -> DataLoader (pinned memory on CUDA) -> `Batch`.
+It does its own node/worker splitting and must not be passed through `accelerator.prepare`.
+
+Guarantees (tested in tests/test_data_stream.py):
+- Every rank and worker reads a disjoint set of shards; every rank yields the same number of
+  batches (the stream is endless; `num_batches` cuts every rank at the same count), so DDP never
+  waits on a rank that ran dry.
+- Fewer shards than ranks x workers is an error at start-up that says how many are needed.
+- Randomness comes only from `seed`: worker w of rank r draws from a generator seeded by
+  (seed, r, w, resume_batches), never from the pid or the clock.
+- Resuming: a stream built with `resume_batches=n` (the number of batches this rank already
+  consumed, `stream.batches_seen` at checkpoint time) is deterministic given
+  (seed, rank, world_size, num_workers, n); it does not replay the batches drawn before the
+  interruption (its generators are fresh, not rewound), and the count of samples seen is exact
+  (`n * batch_size_per_rank` plus what the new stream yields). It does not reproduce the exact
+  sample order an uninterrupted run would have seen.
+- A corrupt sample or a truncated/unreadable shard is skipped with a warning and counted
+  (`stream.num_skipped`, for the training log); a worker with nothing decodable left raises.
+
+Use in a training loop (the loop saves `stream.state_dict()` with its checkpoint):
+
+    stream = make_train_stream("shards/train-{000000..000127}.tar", batch_size_per_rank=32,
+                               rank=accelerator.process_index, world_size=accelerator.num_processes,
+                               seed=seed, resume_batches=saved["batches_seen"], flip=True, with_latents=True)
+    for batch in stream:
+        batch = batch.to(accelerator.device)
+        ...; log(data_skipped=stream.num_skipped, samples_seen=stream.samples_seen)
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from repa.data import shards as fmt
+
+
+class StreamError(RuntimeError):
+    """The stream cannot go on (nothing decodable left, or shards lacking a requested field)."""
+
+
+@dataclass
+class Batch:
+    """One batch for one rank."""
+
+    # uint8 (B, 3, H, W), already flipped where `flipped`. Stored channels_last (NHWC strides):
+    # PNG decodes to HWC, and a transposing copy in the worker would be a second full copy of
+    # every batch; `.to(device)` and `.float()` keep the layout, `.contiguous()` converts.
+    images: torch.Tensor
+    labels: torch.Tensor  # int64 (B,)
+    moments: torch.Tensor | None  # float32 (B, 2C, h, w): cat(mean, std) of the image as returned
+    features: torch.Tensor | None  # float16 (B, T, D): encoder target tokens of the image as returned
+    keys: list[str]  # source keys
+    flipped: torch.Tensor  # bool (B,)
+    worker: int = 0  # global id (rank * num_workers + worker) of the data-loader worker that made it
+    skipped: int = 0  # samples/shards that worker has skipped so far (cumulative)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _map(self, fn: Any) -> Batch:
+        return Batch(
+            images=fn(self.images),
+            labels=fn(self.labels),
+            moments=None if self.moments is None else fn(self.moments),
+            features=None if self.features is None else fn(self.features),
+            keys=self.keys,
+            flipped=fn(self.flipped),
+            worker=self.worker,
+            skipped=self.skipped,
+        )
+
+    def pin_memory(self) -> Batch:
+        """Called by the DataLoader's pin-memory thread."""
+        return self._map(lambda tensor: tensor.pin_memory())
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
+        return self._map(lambda tensor: tensor.to(device, non_blocking=non_blocking))
+
+
+def decode_png(data: bytes, flip: bool = False) -> np.ndarray:
+    """PNG bytes -> uint8 (H, W, 3), mirrored left-right when `flip`.
+
+    PIL rather than torchvision.io.decode_png: the latter crashed the process with SIGSEGV on a
+    PNG with damaged IDAT data here (torchvision 0.29.1), which would kill a loader worker instead
+    of letting it skip the sample. The flip is done by PIL before the array copy: flipping a numpy
+    view made the batch copy several times slower.
+    """
+    with Image.open(io.BytesIO(data)) as image:
+        if image.format != "PNG":
+            raise ValueError(f"expected PNG data, got {image.format}")
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        if flip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return np.asarray(image)
+
+
+def _require(sample: dict[str, Any], suffix: str) -> bytes:
+    if suffix not in sample:
+        raise KeyError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no {suffix}")
+    return sample[suffix]
+
+
+def decode_sample(
+    sample: dict[str, Any], *, flip: bool, with_latents: bool, with_features: bool
+) -> dict[str, Any]:
+    """Raw tar sample -> {image (H,W,3) uint8, label, moments, features, key, flipped}."""
+    image = decode_png(_require(sample, fmt.IMAGE), flip=flip)  # mirrored as the cached flipped moments
+    label = int(_require(sample, fmt.LABEL))
+    key = sample[fmt.SOURCE_KEY].decode() if fmt.SOURCE_KEY in sample else sample["__key__"]
+    moments = features = None
+    if with_latents:
+        moments = fmt.load_npy(_require(sample, fmt.LATENTS_FLIP if flip else fmt.LATENTS))
+    if with_features:
+        features = fmt.load_npy(_require(sample, fmt.FEATURES_FLIP if flip else fmt.FEATURES))
+    return dict(image=image, label=label, moments=moments, features=features, key=key, flipped=flip)
+
+
+def collate(decoded: list[dict[str, Any]], worker: int = 0, skipped: int = 0) -> Batch:
+    def stack(name: str, dtype: torch.dtype) -> torch.Tensor | None:
+        if decoded[0][name] is None:
+            return None
+        return torch.from_numpy(np.stack([d[name] for d in decoded])).to(dtype)
+
+    return Batch(
+        # (B, H, W, 3) -> (B, 3, H, W) as a view: channels_last memory, no transposing copy.
+        images=torch.from_numpy(np.stack([d["image"] for d in decoded])).permute(0, 3, 1, 2),
+        labels=torch.tensor([d["label"] for d in decoded], dtype=torch.int64),
+        moments=stack("moments", torch.float32),
+        features=stack("features", torch.float16),
+        keys=[d["key"] for d in decoded],
+        flipped=torch.tensor([d["flipped"] for d in decoded], dtype=torch.bool),
+        worker=worker,
+        skipped=skipped,
+    )
+
+
+def stream_seed(seed: int, rank: int, worker: int, resume_batches: int) -> int:
+    """The seed of one worker's generator: a hash of (seed, rank, worker, resume point)."""
+    return int(np.random.SeedSequence([seed, rank, worker, resume_batches]).generate_state(1, np.uint64)[0])
+
+
+class ShardStream(IterableDataset):
+    """The per-worker pipeline behind `make_train_stream` (yields whole batches)."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        resume_batches: int,
+        shuffle_buffer: int,
+        flip: bool,
+        with_latents: bool,
+        with_features: bool,
+    ):
+        super().__init__()
+        self.urls = list(urls)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.resume_batches, self.shuffle_buffer = seed, resume_batches, shuffle_buffer
+        self.flip, self.with_latents, self.with_features = flip, with_latents, with_features
+        self.skipped = 0  # per-worker counters (each worker process holds its own copy)
+        self._raw_in_last_pass = 0
+        self._consecutive_failures = 0
+        self._last_error = ""
+
+    def _skip(self, exn: Exception) -> bool:
+        """webdataset-style handler: warn, count, continue."""
+        self.skipped += 1
+        self._last_error = repr(exn)
+        if self.skipped <= 10 or self.skipped % 100 == 0:  # do not flood the log on a bad shard
+            warnings.warn(
+                f"data stream: skipping corrupt data ({self.skipped} so far): {exn!r}", stacklevel=2
+            )
+        return True
+
+    def _raw_samples(self, shards: list[str], rng: random.Random) -> Iterator[dict[str, Any]]:
+        """Endless: each pass reads this worker's shards in a fresh seeded order."""
+        while True:
+            order = shards[:]
+            rng.shuffle(order)
+            raw_in_pass = 0
+            for url in order:
+                for sample in fmt.iter_tar_samples(url, handler=self._skip):
+                    raw_in_pass += 1
+                    yield sample
+            if raw_in_pass == 0:
+                raise StreamError(
+                    f"no readable samples in any of this worker's {len(shards)} shards "
+                    f"(e.g. {shards[0]}); skipped {self.skipped}; last error: {self._last_error}"
+                )
+            self._raw_in_last_pass = raw_in_pass
+
+    def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
+        buffer: list[dict[str, Any]] = []
+        for sample in samples:
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(sample)  # fill first: the first batch waits for a full buffer
+                continue
+            index = rng.randrange(len(buffer))
+            yield buffer[index]
+            buffer[index] = sample
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _decoded(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
+        for sample in samples:
+            flip = self.flip and rng.random() < 0.5
+            try:
+                decoded = decode_sample(
+                    sample, flip=flip, with_latents=self.with_latents, with_features=self.with_features
+                )
+            except Exception as exn:  # noqa: BLE001 (a corrupt sample must not kill the loader)
+                self._skip(exn)
+                self._consecutive_failures += 1
+                # A whole pass (plus the buffer) without one good sample: nothing decodable is left.
+                limit = self._raw_in_last_pass + self.shuffle_buffer
+                if self._raw_in_last_pass and self._consecutive_failures > limit:
+                    raise StreamError(
+                        f"{self._consecutive_failures} samples in a row failed to decode; "
+                        f"last error: {self._last_error}"
+                    ) from exn
+                continue
+            self._consecutive_failures = 0
+            yield decoded
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        global_worker = self.rank * num_workers + worker
+        shards = self.urls[global_worker :: self.world_size * num_workers]
+        if not shards:  # make_train_stream checks this up front; guard direct use too
+            raise StreamError(f"worker {global_worker} has no shard: {len(self.urls)} shards are too few")
+        rng = random.Random(stream_seed(self.seed, self.rank, worker, self.resume_batches))
+        self.skipped, self._consecutive_failures, self._raw_in_last_pass = 0, 0, 0
+        pending: list[dict[str, Any]] = []
+        for decoded in self._decoded(self._shuffled(self._raw_samples(shards, rng), rng), rng):
+            pending.append(decoded)
+            if len(pending) == self.batch_size:
+                yield collate(pending, worker=global_worker, skipped=self.skipped)
+                pending = []
+
+
+@dataclass
+class TrainStream:
+    """Iterable of `Batch` for one rank; see the module docstring for its guarantees.
+
+    Iterating again continues the stream (fresh generators seeded from `batches_seen`), so
+    `state_dict()` / `resume_batches` is all a checkpoint needs.
+    """
+
+    dataset: ShardStream
+    batch_size_per_rank: int
+    num_workers: int
+    pin_memory: bool
+    num_batches: int | None = None
+    batches_seen: int = 0
+    _skipped_per_worker: dict[int, int] = field(default_factory=dict)
+    _skipped_before: int = 0
+
+    @property
+    def samples_seen(self) -> int:
+        """Exact number of samples this rank has consumed (including before a resume)."""
+        return self.batches_seen * self.batch_size_per_rank
+
+    @property
+    def num_skipped(self) -> int:
+        """Corrupt samples/shards skipped by this rank's workers (log it with the training metrics)."""
+        return self._skipped_before + sum(self._skipped_per_worker.values())
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_seen": self.batches_seen, "num_skipped": self.num_skipped}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batches_seen = int(state["batches_seen"])
+        self._skipped_before, self._skipped_per_worker = int(state.get("num_skipped", 0)), {}
+
+    def __iter__(self) -> Iterator[Batch]:
+        self._skipped_before = self.num_skipped
+        self._skipped_per_worker = {}
+        self.dataset.resume_batches = self.batches_seen
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,  # the workers batch
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=4 if self.num_workers > 0 else None,
+        )
+        batches = iter(loader)
+        try:
+            for count, batch in enumerate(batches):
+                if self.num_batches is not None and count >= self.num_batches:
+                    break
+                self._skipped_per_worker[batch.worker] = batch.skipped
+                self.batches_seen += 1
+                yield batch
+        finally:
+            # Stop the workers now: after a worker error the traceback keeps the DataLoader
+            # iterator alive, and its shutdown at garbage collection waits seconds per worker.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+
+def _check_fields(
+    shards: str | Sequence[str], *, flip: bool, with_latents: bool, with_features: bool
+) -> None:
+    """Fail at start-up when the manifest says the shards lack a requested cache."""
+    if not isinstance(shards, str):
+        return
+    manifest_path = fmt.locate_manifest(shards)
+    if manifest_path is None:
+        return
+    try:
+        fields = fmt.read_manifest(manifest_path)["fields"]
+    except (OSError, ValueError, KeyError):
+        return  # no readable manifest: per-sample checks still apply
+    if with_latents and "latents" not in fields:
+        raise StreamError(f"{shards}: no cached latents; rebuild with `repa data build --cache-latents NAME`")
+    if with_features and "features" not in fields:
+        raise StreamError(
+            f"{shards}: no cached features; rebuild with `repa data build --cache-features NAME`"
+        )
+    if with_features and flip and "features_flipped" not in fields:
+        raise StreamError(
+            f"{shards}: flip=True needs features of the flipped images; rebuild with "
+            "`--cache-flipped-features` or train without flips"
+        )
+
+
+def make_train_stream(
+    shards: str | Sequence[str],
+    *,
+    batch_size_per_rank: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 4,
+    seed: int = 0,
+    resume_batches: int = 0,
+    shuffle_buffer: int = 1000,
+    flip: bool = False,
+    with_latents: bool = False,
+    with_features: bool = False,
+    pin_memory: bool | None = None,
+    num_batches: int | None = None,
+) -> TrainStream:
+    """The training stream of one rank (global rank `rank` of `world_size`, nodes x processes).
+
+    `shards`: a brace pattern, `::`-joined patterns, a list of URLs, a folder with a manifest.
+    `pin_memory=None` pins when CUDA is available. `num_batches`: stop after that many batches
+    (the same on every rank); None streams forever. `resume_batches`: batches this rank consumed
+    before (see the module docstring for what a resume guarantees).
+    """
+    if batch_size_per_rank <= 0:
+        raise ValueError(f"batch_size_per_rank must be positive, got {batch_size_per_rank}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside [0, {world_size})")
+    urls = fmt.expand_shard_urls(shards)
+    readers = world_size * max(1, num_workers)
+    if len(urls) < readers:
+        raise ValueError(
+            f"{len(urls)} shard(s) for {world_size} rank(s) x {max(1, num_workers)} data-loader worker(s): "
+            f"need at least {readers} shards so that every worker has its own; rebuild with a smaller "
+            f"--shard-size or use fewer workers"
+        )
+    _check_fields(shards, flip=flip, with_latents=with_latents, with_features=with_features)
+    dataset = ShardStream(
+        urls,
+        batch_size=batch_size_per_rank,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        resume_batches=resume_batches,
+        shuffle_buffer=shuffle_buffer,
+        flip=flip,
+        with_latents=with_latents,
+        with_features=with_features,
+    )
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    return TrainStream(
+        dataset,
+        batch_size_per_rank=batch_size_per_rank,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        num_batches=num_batches,
+        batches_seen=resume_batches,
+    )
+
+
+def iter_eval_batches(
+    shards: str | Sequence[str],
+    *,
+    batch_size: int,
+    with_latents: bool = False,
+    with_features: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[Batch]:
+    """Every sample exactly once, in shard order (no resampling, shuffling or flipping).
+
+    For FID reference statistics and latent statistics. With several ranks, rank r reads shards
+    r, r + world_size, ...; together they cover each sample once. Errors are raised, not skipped:
+    a reference set must not silently lose samples. The last batch may be smaller.
+    """
+    urls = fmt.expand_shard_urls(shards)[rank::world_size]
+    pending: list[dict[str, Any]] = []
+    for url in urls:
+        for sample in fmt.iter_tar_samples(url):
+            pending.append(
+                decode_sample(sample, flip=False, with_latents=with_latents, with_features=with_features)
+            )
+            if len(pending) == batch_size:
+                yield collate(pending)
+                pending = []
+    if pending:
+        yield collate(pending)

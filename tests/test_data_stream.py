@@ -1,0 +1,268 @@
+"""repa.data.stream: splitting, resampling, flips with cached moments, resume, damaged data (tiny sizes)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from repa.data.build import build_shards
+from repa.data.shards import ShardFormatError, expand_shard_urls, iter_tar_members
+from repa.data.stream import StreamError, iter_eval_batches, make_train_stream
+from repa.data.synthetic import write_synthetic_dataset
+from tests.test_data_fakes import FakeTokenizer
+
+NUM_IMAGES, RESOLUTION = 66, 16  # 9 shards of 8: the last holds only 2 samples
+
+
+@pytest.fixture(scope="module")
+def shard_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("stream")
+    write_synthetic_dataset(root / "images", num_images=NUM_IMAGES, resolution=RESOLUTION, num_classes=4)
+    build_shards(str(root / "images"), root / "plain", resolution=RESOLUTION, shard_size=8, workers=0)
+    build_shards(
+        str(root / "images"), root / "cached", resolution=RESOLUTION, shard_size=8, workers=0,
+        tokenizer=FakeTokenizer(),
+    )  # fmt: skip
+    return {"root": root, "plain": root / "plain", "cached": root / "cached"}
+
+
+@pytest.fixture(scope="module")
+def shard_of_key(shard_dirs) -> dict[str, str]:
+    mapping = {}
+    for url in expand_shard_urls(str(shard_dirs["plain"])):
+        for batch in iter_eval_batches([url], batch_size=8):
+            mapping.update(dict.fromkeys(batch.keys, url))
+    return mapping
+
+
+def _take(stream, count: int) -> list:
+    batches = []
+    for batch in stream:
+        batches.append(batch)
+        if len(batches) == count:
+            break
+    return batches
+
+
+def test_two_ranks_two_workers_read_disjoint_shards_and_equal_batch_counts(shard_dirs, shard_of_key):
+    urls = expand_shard_urls(str(shard_dirs["plain"]))
+    shards_by_worker: dict[int, set[str]] = {}
+    counts = []
+    for rank in range(2):
+        stream = make_train_stream(
+            str(shard_dirs["plain"]), batch_size_per_rank=4, rank=rank, world_size=2, num_workers=2,
+            seed=0, shuffle_buffer=8, num_batches=10,
+        )  # fmt: skip
+        batches = list(stream)
+        counts.append(len(batches))
+        for batch in batches:
+            assert batch.images.shape == (4, 3, RESOLUTION, RESOLUTION) and batch.images.dtype == torch.uint8
+            assert batch.labels.dtype == torch.int64
+            shards_by_worker.setdefault(batch.worker, set()).update(shard_of_key[k] for k in batch.keys)
+    # Equal counts although rank 0's workers own 3 + 2 shards (one of 2 samples) and rank 1's 2 + 2.
+    assert counts == [10, 10]
+    assert sorted(shards_by_worker) == [0, 1, 2, 3]  # global worker id = rank * 2 + worker
+    for worker, shards in shards_by_worker.items():
+        assert shards <= set(urls[worker::4])  # only its own shards, hence disjoint from the others
+
+
+def test_too_few_shards_fail_at_start_up(shard_dirs):
+    with pytest.raises(ValueError, match="9 shard.*need at least 10 shards"):
+        make_train_stream(str(shard_dirs["plain"]), batch_size_per_rank=2, world_size=2, num_workers=5)
+
+
+def test_requested_cache_missing_fails_at_start_up(shard_dirs):
+    with pytest.raises(StreamError, match="--cache-latents"):
+        make_train_stream(str(shard_dirs["plain"]), batch_size_per_rank=2, num_workers=0, with_latents=True)
+
+
+def test_flip_uses_the_moments_of_the_flipped_image(shard_dirs):
+    tokenizer = FakeTokenizer()
+    stream = make_train_stream(
+        str(shard_dirs["cached"]), batch_size_per_rank=8, num_workers=0, seed=1, shuffle_buffer=16,
+        flip=True, with_latents=True, num_batches=6,
+    )  # fmt: skip
+    flips = []
+    for batch in stream:
+        # The moments always belong to the image as returned, mirrored or not.
+        torch.testing.assert_close(batch.moments, tokenizer.encode_moments(batch.images))
+        flips += batch.flipped.tolist()
+    assert 0 < sum(flips) < len(flips)
+    unflipped = make_train_stream(
+        str(shard_dirs["cached"]), batch_size_per_rank=8, num_workers=0, with_latents=True, num_batches=3
+    )
+    assert not any(batch.flipped.any() for batch in unflipped)
+
+
+def test_resume_is_deterministic_and_does_not_replay(shard_dirs):
+    def stream(**kwargs):
+        return make_train_stream(
+            str(shard_dirs["plain"]), batch_size_per_rank=4, num_workers=2, seed=3, shuffle_buffer=8,
+            flip=True, **kwargs,
+        )  # fmt: skip
+
+    first, again = _take(stream(), 6), _take(stream(), 6)
+    assert [b.keys for b in first] == [b.keys for b in again]
+    assert all(torch.equal(a.images, b.images) for a, b in zip(first, again))
+    other_seed = _take(
+        make_train_stream(str(shard_dirs["plain"]), batch_size_per_rank=4, num_workers=2, seed=4), 6
+    )
+    assert [b.keys for b in first] != [b.keys for b in other_seed]
+
+    resumed = stream(resume_batches=6)
+    resumed_batches = _take(resumed, 4)
+    assert [b.keys for b in resumed_batches] == [b.keys for b in _take(stream(resume_batches=6), 4)]
+    assert [b.keys for b in resumed_batches] != [b.keys for b in first[:4]]  # fresh draws, not a replay
+    assert resumed.batches_seen == 10 and resumed.samples_seen == 40  # exact count across the restart
+
+    # Iterating a stream again continues it, exactly as a stream resumed at that point would.
+    epochs = stream(num_batches=3)
+    assert len(list(epochs)) == 3
+    second = list(epochs)
+    assert [b.keys for b in second] == [b.keys for b in stream(resume_batches=3, num_batches=3)]
+    assert epochs.state_dict()["batches_seen"] == 6
+    restored = stream(num_batches=2)
+    restored.load_state_dict(epochs.state_dict())
+    assert [b.keys for b in restored] == [b.keys for b in stream(resume_batches=6, num_batches=2)]
+
+
+def _rewrite_shard(source: Path, target: Path, corrupt_member: str) -> None:
+    """Copy a shard, flipping bytes in the middle of one member (a PNG: its IDAT data)."""
+    with tarfile.open(source) as reader, tarfile.open(target, "w") as writer:
+        for member in reader:
+            data = reader.extractfile(member).read()
+            if member.name == corrupt_member:
+                data = bytearray(data)
+                for position in range(len(data) // 2, len(data) // 2 + 8):
+                    data[position] ^= 0x5A
+                data = bytes(data)
+            member.size = len(data)
+            writer.addfile(member, io.BytesIO(data))
+
+
+def test_corrupt_sample_is_skipped_with_a_warning_and_counted(shard_dirs, tmp_path):
+    urls = expand_shard_urls(str(shard_dirs["plain"]))
+    with tarfile.open(urls[0]) as archive:
+        first_png = next(m.name for m in archive if m.name.endswith(".png"))
+        bad_key = archive.extractfile(first_png.replace(".png", ".key.txt")).read().decode()
+    _rewrite_shard(Path(urls[0]), tmp_path / "bad.tar", first_png)
+    shutil.copy(urls[1], tmp_path / "good.tar")
+    shards = [str(tmp_path / "bad.tar"), str(tmp_path / "good.tar")]
+
+    stream = make_train_stream(shards, batch_size_per_rank=3, num_workers=0, shuffle_buffer=4, num_batches=20)
+    with pytest.warns(UserWarning, match="skipping corrupt data"):
+        keys = [key for batch in stream for key in batch.keys]
+    assert len(keys) == 60 and bad_key not in keys
+    assert stream.num_skipped >= 3  # 60 samples from 15 good ones: the bad one was met on every pass
+
+    # With worker processes the count travels with the batches.
+    in_workers = make_train_stream(
+        shards, batch_size_per_rank=3, num_workers=2, shuffle_buffer=4, num_batches=12
+    )
+    assert bad_key not in [key for batch in in_workers for key in batch.keys]
+    assert in_workers.num_skipped >= 2
+
+
+def test_truncated_shard_is_skipped_after_its_readable_samples(shard_dirs, tmp_path):
+    urls = expand_shard_urls(str(shard_dirs["plain"]))
+    data = Path(urls[0]).read_bytes()
+    (tmp_path / "truncated.tar").write_bytes(data[: len(data) // 2])
+    shutil.copy(urls[1], tmp_path / "good.tar")
+    stream = make_train_stream(
+        [str(tmp_path / "truncated.tar"), str(tmp_path / "good.tar")],
+        batch_size_per_rank=4, num_workers=0, shuffle_buffer=4, num_batches=10,
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="skipping corrupt data"):
+        keys = {key for batch in stream for key in batch.keys}
+    with tarfile.open(urls[0]) as archive:
+        truncated_keys = {
+            archive.extractfile(m).read().decode() for m in archive if m.name.endswith(".key.txt")
+        }
+    assert 0 < len(keys & truncated_keys) < len(truncated_keys)  # its first samples, not all of them
+    assert stream.num_skipped >= 1
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_nothing_readable_stops_with_a_clear_error(tmp_path, num_workers):
+    rng = np.random.default_rng(0)
+    for index in range(2):
+        (tmp_path / f"garbage-{index}.tar").write_bytes(rng.bytes(3000))
+    stream = make_train_stream(
+        str(tmp_path / "garbage-{0..1}.tar"), batch_size_per_rank=2, num_workers=num_workers, num_batches=5
+    )
+    # Warnings raised in worker processes do not reach pytest; the error itself does.
+    warns = pytest.warns(UserWarning) if num_workers == 0 else contextlib.nullcontext()
+    with pytest.raises(Exception, match="no readable samples"), warns:
+        list(stream)
+
+
+def test_all_samples_corrupt_stops_with_a_clear_error(tmp_path):
+    with tarfile.open(tmp_path / "bad.tar", "w") as archive:
+        for index in range(4):
+            for suffix, data in (("png", b"\x89PNG not really"), ("cls", b"0")):
+                info = tarfile.TarInfo(f"{index:04d}.{suffix}")
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    stream = make_train_stream(
+        str(tmp_path / "bad.tar"), batch_size_per_rank=2, num_workers=0, shuffle_buffer=2
+    )
+    with pytest.raises(StreamError, match="in a row failed to decode"), pytest.warns(UserWarning):
+        list(stream)
+
+
+def test_eval_reader_yields_every_sample_once_in_order(shard_dirs, shard_of_key):
+    keys = [key for batch in iter_eval_batches(str(shard_dirs["plain"]), batch_size=5) for key in batch.keys]
+    assert len(keys) == NUM_IMAGES == len(set(keys))
+    urls = expand_shard_urls(str(shard_dirs["plain"]))
+    assert [urls.index(shard_of_key[k]) for k in keys] == sorted(urls.index(shard_of_key[k]) for k in keys)
+    per_rank = [
+        [key for batch in iter_eval_batches(str(shard_dirs["plain"]), batch_size=5, rank=r, world_size=2)
+         for key in batch.keys]
+        for r in range(2)
+    ]  # fmt: skip
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(keys) and not set(per_rank[0]) & set(per_rank[1])
+
+
+def test_pipe_urls_are_read(shard_dirs):
+    url = expand_shard_urls(str(shard_dirs["plain"]))[0]
+    batch = next(iter_eval_batches([f"pipe:cat {url}"], batch_size=8))
+    assert len(batch) == 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_batches_are_pinned_on_cuda(shard_dirs):
+    stream = make_train_stream(str(shard_dirs["plain"]), batch_size_per_rank=4, num_workers=1, num_batches=1)
+    (batch,) = list(stream)
+    assert batch.images.is_pinned() and batch.labels.is_pinned()
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_reader_handles_long_names_and_detects_damage(tar_format):
+    long_directory = "d" * 120 if tar_format != tarfile.USTAR_FORMAT else "d" * 60
+    names = [f"{long_directory}/sample0.png", f"{long_directory}/sample0.cls", "sample1.png"]
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tar_format) as archive:
+        directory = tarfile.TarInfo("a_directory")
+        directory.type = tarfile.DIRTYPE
+        archive.addfile(directory)  # not a regular file: skipped
+        for index, name in enumerate(names):
+            info = tarfile.TarInfo(name)
+            info.size = 700 + index
+            archive.addfile(info, io.BytesIO(bytes([index]) * info.size))
+    data = buffer.getvalue()
+    members = list(iter_tar_members(io.BytesIO(data)))
+    assert [name for name, _ in members] == names
+    assert [len(payload) for _, payload in members] == [700, 701, 702]
+    damaged = bytearray(data)
+    damaged[data.index(b"sample1.png") + 2] ^= 0x01  # a flipped bit in a header
+    with pytest.raises(ShardFormatError, match="checksum"):
+        list(iter_tar_members(io.BytesIO(bytes(damaged))))
+    with pytest.raises(ShardFormatError, match="truncated"):
+        list(iter_tar_members(io.BytesIO(data[:1800])))
