@@ -15,6 +15,7 @@ import sys
 
 # verb -> (module under repa.commands, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
+    "demo": ("demo", "the whole research loop at toy scale on a CPU, offline"),
     "data": ("data", "build, verify and inspect webdataset shards; synthetic demo images"),
     "train": ("train", "train SiT / REPA / LDM models (accelerate or torchrun for many processes)"),
     "sample": ("sample", "sample a run or checkpoint into the ADM evaluator's .npz (resumable, multi-GPU)"),

@@ -1,0 +1,1 @@
+"""The CPU demo: `repa demo` (see repa/demo/pipeline.py)."""
