@@ -188,6 +188,12 @@ class RunOptions:
     )
     sample_steps: int = option(50, "Euler ODE steps for preview grids")
     sample_cfg_scale: float = option(4.0, "CFG scale for preview grids")
+    eval_every: int = option(0, "score the EMA model every N steps during training (0 disables)")
+    eval_ref: str = option("", "reference for --eval-every: images, shards, .npz or statistics")
+    eval_metrics: str = option("fid", "metrics for --eval-every (fid,is,prc,fd-dinov2)")
+    eval_num_samples: int = option(5000, "samples per --eval-every evaluation")
+    eval_num_steps: int = option(50, "Euler ODE steps for --eval-every samples")
+    eval_cfg_scale: float = option(1.0, "CFG scale for --eval-every samples")
     report_to: str = option(
         "", "extra loggers: comma list of wandb, tensorboard (metrics.jsonl is always written)"
     )
@@ -206,6 +212,8 @@ class RunOptions:
                 f"--keep-checkpoints must be >= 2, got {self.keep_checkpoints}: the newest may be mid-save "
                 "when a job dies, so the one before it must survive"
             )
+        if self.eval_every and not self.eval_ref:
+            raise ValueError("--eval-every needs --eval-ref (reference images, shards, .npz or statistics)")
         loggers = {name.strip() for name in self.report_to.split(",") if name.strip()}
         if loggers - {"wandb", "tensorboard"}:
             raise ValueError(f"--report-to: unknown logger(s) {sorted(loggers - {'wandb', 'tensorboard'})}")

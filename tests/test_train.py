@@ -186,6 +186,7 @@ def test_skipped_step_leaves_weights_untouched(shards, tmp_path):
     from repa.train import methods
 
     original = methods.DenoisingMethod.loss
+
     def infinite(self, model, inputs):
         loss, metrics = original(self, model, inputs)
         return loss * float("inf"), metrics
@@ -259,3 +260,39 @@ def test_resolution_mismatch_with_shards_is_reported(shards, tmp_path):
     config.data.resolution = 32
     with pytest.raises(ValueError, match="hold 16px images but --resolution is 32"):
         train(config)
+
+
+def test_preview_grid_and_periodic_eval(shards, tmp_path):
+    """--sample-every writes EMA grids; --eval-every logs metrics from the eval code path."""
+    from repa.eval import metrics as eval_metrics
+
+    reference = str(Path(shards))
+    config = tiny_config(shards, tmp_path, max_train_steps=4, checkpointing_steps=4)
+    config.run.sample_every, config.run.sample_steps = 2, 3
+    config.run.eval_every, config.run.eval_ref, config.run.eval_num_samples = 2, reference, 8
+    config.run.eval_metrics, config.run.eval_num_steps = "fd", 2
+    features = torch.nn.Linear(3, 5)
+    original = eval_metrics.Evaluator.__init__
+
+    def with_features(self, metrics, **kwargs):  # the demo-style pluggable feature space
+        kwargs["feature_fn"] = lambda images: features(images.float().mean(dim=(2, 3))).double()
+        original(self, metrics, **kwargs)
+
+    eval_metrics.Evaluator.__init__ = with_features
+    try:
+        result = train(config)
+    finally:
+        eval_metrics.Evaluator.__init__ = original
+    assert sorted(p.name for p in (result.run_dir / "samples").iterdir()) == [
+        "step-00000002.png",
+        "step-00000004.png",
+    ]
+    evals = [r for r in read_metrics(result.run_dir) if "eval/fd" in r]
+    assert [r["step"] for r in evals] == [2, 4] and all(r["eval/fd"] >= 0 for r in evals)
+
+
+def test_eval_every_needs_a_reference(shards, tmp_path):
+    values = tiny_config(shards, tmp_path).to_dict()
+    values["run"]["eval_every"] = 2
+    with pytest.raises(ValueError, match="--eval-ref"):
+        ExperimentConfig.from_dict(values)

@@ -442,6 +442,7 @@ def train(config: ExperimentConfig) -> TrainResult:
         wandb_project=config.run.wandb_project,
         wandb_mode=config.run.wandb_mode,
     )
+    periodic_eval = make_periodic_eval(config, tokenizer, device) if config.run.eval_every else None
     stop = _StopFlag()
     progress = None
     if accelerator.is_main_process:
@@ -574,6 +575,10 @@ def train(config: ExperimentConfig) -> TrainResult:
             ):
                 path = write_preview(ema.model, tokenizer, config, run_dir, step, device)
                 logger.log_image(step, "samples", path)
+            if periodic_eval is not None and step % config.run.eval_every == 0:
+                if accelerator.is_main_process:  # the others wait at the barrier below
+                    logger.log(step, {f"eval/{k}": v for k, v in periodic_eval(ema.model).items()})
+                accelerator.wait_for_everyone()
 
             periodic = step % config.run.checkpointing_steps == 0 or step == config.run.max_train_steps
             if periodic or stop_now:
@@ -593,37 +598,49 @@ def train(config: ExperimentConfig) -> TrainResult:
     return TrainResult(run_dir, step, preempted, nonfinite_total, last_metrics, unwrapped, ema.model)
 
 
+def make_periodic_eval(config: ExperimentConfig, tokenizer, device):
+    """`--eval-every`: score the EMA model with the same code as `repa curves`, at a smaller
+    sample count. The evaluator and the reference statistics are built once, at start-up, so a
+    missing Inception file or reference set fails before training starts."""
+    from repa.eval.curves import evaluate_model
+    from repa.eval.metrics import Evaluator
+
+    run = config.run
+    evaluator = Evaluator(run.eval_metrics.split(","), device=device)
+    reference = evaluator.reference(run.eval_ref)
+    settings = _sampler_for(config, run.eval_num_steps, run.eval_cfg_scale)
+
+    def evaluate(model) -> dict[str, float]:
+        return evaluate_model(
+            model, tokenizer, resolution=config.data.resolution, num_samples=run.eval_num_samples,
+            ref=reference, evaluator=evaluator, settings=settings, path_type=config.transport.path_type,
+            seed=run.seed, device=device,
+        )  # fmt: skip
+
+    return evaluate
+
+
+def _sampler_for(config: ExperimentConfig, num_steps: int, cfg_scale: float):
+    from repa.eval.sample import SamplerSettings
+
+    return SamplerSettings(
+        mode="ode", method="euler", num_steps=num_steps, cfg_scale=cfg_scale, guidance_high=1.0
+    )
+
+
 @torch.no_grad()
 def write_preview(model, tokenizer, config: ExperimentConfig, run_dir: Path, step: int, device) -> Path:
     """A sample grid from the EMA model in eval mode (the reference samples the online model in
-    train mode, label dropout on, and calls it EMA). Fixed labels and seeds across the run."""
-    from repa.transport import sample
+    train mode, label dropout on, and calls it EMA). Fixed labels and seeds across the run; the
+    same sampling and decoding path as `repa sample`."""
+    from repa.eval.checkpoints import Generator
+    from repa.eval.sample import generate_images
     from repa.utils.images import save_image_grid
 
-    count = min(16, max(config.model.num_classes, 4))
-    labels = torch.arange(count, device=device) % config.model.num_classes
-    seeds = list(range(count))
-    latent_size = tokenizer.latent_size(config.data.resolution)
+    generator = Generator(model, tokenizer, config.data.resolution, config.transport.path_type)
+    settings = _sampler_for(config, config.run.sample_steps, config.run.sample_cfg_scale)
     model.eval()
-    latents = sample(
-        model.velocity,
-        (tokenizer.latent_channels, latent_size, latent_size),
-        labels,
-        seeds,
-        mode="ode",
-        method="euler",
-        num_steps=config.run.sample_steps,
-        cfg_scale=config.run.sample_cfg_scale,
-        null_label=model.null_label,
-        path=config.transport.path_type,
-    )
-    if model.config.latent_batchnorm:  # REPA-E: the SiT's BatchNorm holds the latent statistics
-        from repa.tokenizers.base import float_to_images
-
-        images = float_to_images(tokenizer.decode_float(model.denormalize_latents(latents)))
-    else:
-        images = tokenizer.decode(latents)  # uint8 (B, 3, H, W)
+    batches = generate_images(generator, 16, settings, seed=config.run.seed, labels="balanced", device=device)
     path = run_dir / "samples" / f"step-{step:08d}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image_grid(images, path)
+    save_image_grid(torch.cat(list(batches)), path)
     return path
