@@ -432,3 +432,7 @@ def config_reference_markdown() -> str:
         cells = [f"`{_flag_name(f)}`", aliases, f"`{json.dumps(default)}`", section_name, help_text]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(config_reference_markdown())

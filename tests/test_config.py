@@ -122,3 +122,8 @@ def test_yaml_values_are_coerced_to_field_types(tmp_path):
     preset.write_text("optim: {learning_rate: fast}\n")
     with pytest.raises(ValueError, match="optim.learning_rate.*'fast'"):
         parse(["--config", str(preset)])
+
+
+def test_readme_reference_is_generated_from_the_config():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert config_reference_markdown() in readme, "README out of date: paste `python -m repa.config` into it"

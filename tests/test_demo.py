@@ -38,6 +38,7 @@ def test_demo_is_deterministic_for_a_seed(tmp_path):
     assert main(["demo", "--quick", "--output", str(second)]) == 0
     rows_a = json.loads((first / "summary.json").read_text())["rows"]
     rows_b = json.loads((second / "summary.json").read_text())["rows"]
+
     def key(rows):
         return [(r["run"], r["step"], r["fd"]) for r in rows]
 

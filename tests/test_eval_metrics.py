@@ -21,12 +21,12 @@ from repa.eval.features import (
     DinoV2Features,
     InceptionFeatures,
     resolve_inception_weights,
-    sha256_of,
 )
 from repa.eval.frechet import FeatureMoments, frechet_distance, gaussian_of
 from repa.eval.metrics import Evaluator, parse_metrics
 from repa.eval.npz import write_npz_streaming
 from repa.eval.references import ReferenceStats, iter_image_batches
+from repa.utils.files import file_sha256
 
 
 @pytest.fixture(autouse=True)
@@ -206,7 +206,7 @@ def test_inception_weights_are_checked_and_missing_weights_explained(
 ):
     with pytest.raises(ValueError, match="SHA-256"):  # random weights are not the published file
         resolve_inception_weights(inception_weights)
-    digest = sha256_of(inception_weights)
+    digest = file_sha256(inception_weights)
     assert resolve_inception_weights(inception_weights, expected_sha256=digest[:10]) == inception_weights
     assert resolve_inception_weights(inception_weights, expected_sha256=None) == inception_weights
     with pytest.raises(FileNotFoundError, match=INCEPTION_FILENAME):  # a folder without the file

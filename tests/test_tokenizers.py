@@ -40,16 +40,6 @@ EXPECTED_GEOMETRY = {  # (latent channels, downsampling factor)
 RESOLUTION = 16
 
 
-@pytest.fixture(autouse=True)
-def _plain_cpu_convolutions():
-    # oneDNN builds a kernel for every new convolution shape: seconds per tiny network on a shared 2-core
-    # CPU, where torch's plain kernels take milliseconds. Restored after each test.
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    yield
-    torch.backends.mkldnn.enabled = enabled
-
-
 def random_images(batch: int = 2, resolution: int = RESOLUTION, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (batch, 3, resolution, resolution), generator=generator, dtype=torch.uint8)

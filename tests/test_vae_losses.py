@@ -19,16 +19,6 @@ from repa.tokenizers.losses import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _plain_cpu_convolutions():
-    # oneDNN builds a kernel for every new convolution shape: seconds per tiny network on a shared 2-core
-    # CPU, where torch's plain kernels take milliseconds. Restored after each test.
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    yield
-    torch.backends.mkldnn.enabled = enabled
-
-
 @pytest.fixture(scope="module")
 def linear_weights_file(tmp_path_factory):
     """A file in the `lpips` package's v0.1 vgg.pth layout, with random non-negative weights."""

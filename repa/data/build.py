@@ -43,6 +43,7 @@ import numpy as np
 from PIL import Image
 
 from repa.data import shards as fmt
+from repa.utils.files import file_sha256
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".gif")
 TAR_IMAGE_SUFFIXES = ("png", "jpg", "jpeg", "webp")
@@ -288,14 +289,6 @@ def _add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)  # mtime, uid, gid 0: identical bytes on every rebuild
     info.size, info.mode = len(data), 0o644
     archive.addfile(info, io.BytesIO(data))
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _process_index() -> tuple[int, int, Any]:

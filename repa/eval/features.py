@@ -29,7 +29,6 @@ its URL and where to put it. Nothing here falls back to random weights.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +36,8 @@ from typing import Protocol
 
 import torch
 from torch import nn
+
+from repa.utils.files import file_sha256
 
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_FILENAME = INCEPTION_URL.rsplit("/", 1)[1]
@@ -51,14 +52,6 @@ class FeatureSpace(Protocol):
     provides: tuple[str, ...]
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]: ...
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_uint8_images(images: torch.Tensor, who: str) -> None:
@@ -114,7 +107,7 @@ def resolve_inception_weights(
                     f"in {cache} (the torch hub cache, $TORCH_HOME) or pass --inception-weights PATH"
                 )
     if expected_sha256:
-        actual = sha256_of(path)
+        actual = file_sha256(path)
         if not actual.startswith(expected_sha256.lower()):
             raise ValueError(
                 f"Inception weights {path} have SHA-256 {actual}, expected {expected_sha256}... (the "
@@ -147,7 +140,7 @@ class InceptionFeatures(nn.Module):
             feature_extractor_internal_dtype=internal_dtype,
         )
         # The cache identity includes the weights' hash: statistics from other weights never mix.
-        self.name = f"inception-v3-compat-{sha256_of(path)[:12]}-{internal_dtype}"
+        self.name = f"inception-v3-compat-{file_sha256(path)[:12]}-{internal_dtype}"
         self._spatial: torch.Tensor | None = None
         self.extractor.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
 
@@ -195,7 +188,7 @@ class DinoV2Features(nn.Module):
             arch_overrides=arch_overrides,
         )
         self.vit = encoder.vit
-        identity = sha256_of(weights)[:12] if weights is not None else "hub"
+        identity = file_sha256(weights)[:12] if weights is not None else "hub"
         self.name = f"dinov2-vit-{size}-14-{identity}"
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
