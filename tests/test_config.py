@@ -127,3 +127,16 @@ def test_yaml_values_are_coerced_to_field_types(tmp_path):
 def test_readme_reference_is_generated_from_the_config():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert config_reference_markdown() in readme, "README out of date: paste `python -m repa.config` into it"
+
+
+def test_learning_rate_schedules():
+    from repa.train.loop import lr_at
+
+    config = parse(["--learning-rate", "1e-3", "--lr-warmup-steps", "10", "--max-train-steps", "110"])
+    assert [lr_at(s, config) for s in (0, 4, 9)] == pytest.approx([1e-4, 5e-4, 1e-3])
+    assert lr_at(50, config) == pytest.approx(1e-3)  # constant after warmup
+    config = parse(["--learning-rate", "1e-3", "--lr-warmup-steps", "10", "--max-train-steps", "110",
+                    "--lr-schedule", "cosine"])  # fmt: skip
+    assert lr_at(10, config) == pytest.approx(1e-3)
+    assert lr_at(60, config) == pytest.approx(5e-4)  # half way through the cosine
+    assert lr_at(110, config) == pytest.approx(0.0, abs=1e-12)
