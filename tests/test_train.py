@@ -111,13 +111,21 @@ def test_resume_continues_bitwise(shards, tmp_path):
 
 @pytest.mark.slow
 def test_killed_process_resumes_to_identical_weights(shards, tmp_path):
-    reference = train(tiny_config(shards, tmp_path / "reference", max_train_steps=40))
-    config = tiny_config(shards, tmp_path / "killed", max_train_steps=40)
-    argv = [sys.executable, "-m", "repa", "train", "--config", str(tmp_path / "killed.yaml")]
-    (tmp_path / "killed.yaml").write_text(json.dumps(config.to_dict()))  # JSON is YAML
+    """`repa train` SIGKILLed after a checkpoint, rerun, ends bitwise equal to an uninterrupted
+    `repa train` (both in subprocesses, so both use the same kernels)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoints = Path(config.run.output_dir) / "run" / "checkpoints"
+
+    def command(name):
+        config = tiny_config(shards, tmp_path / name, max_train_steps=40)
+        (tmp_path / f"{name}.yaml").write_text(json.dumps(config.to_dict()))  # JSON is YAML
+        return [sys.executable, "-m", "repa", "train", "--config", str(tmp_path / f"{name}.yaml")]
+
+    subprocess.run(
+        command("reference"), env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    killed = command("killed")
+    process = subprocess.Popen(killed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = tmp_path / "killed" / "run" / "checkpoints"
     deadline = time.time() + 120
     while ckpt.latest_checkpoint(checkpoints) is None and process.poll() is None and time.time() < deadline:
         time.sleep(0.005)
@@ -126,8 +134,8 @@ def test_killed_process_resumes_to_identical_weights(shards, tmp_path):
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     killed_at = ckpt.latest_checkpoint(checkpoints)
     assert killed_at is not None and int(killed_at.name.split("-")[1]) < 40
-    subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert_states_equal(final_state(reference.run_dir), final_state(Path(config.run.output_dir) / "run"))
+    subprocess.run(killed, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert_states_equal(final_state(tmp_path / "reference" / "run"), final_state(tmp_path / "killed" / "run"))
 
 
 def test_sigterm_saves_and_exits(shards, tmp_path):
