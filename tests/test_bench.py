@@ -131,6 +131,30 @@ def test_targets_are_computed_against_the_anchors():
     assert not compare({}, quick_train_config(), peaks)["targets"]["evaluated"]
 
 
+def test_cpu_bf16_attention_matches_the_fused_kernel():
+    # The CPU bf16 path (two matmuls) and torch's fused kernel agree to bf16 rounding, forward
+    # and backward, and the switch that the benchmark's before/after variants use works.
+    from repa.models.layers import Attention
+
+    attention = Attention(64, 4)
+    x = torch.randn(2, 16, 64)
+    outputs, grads = {}, {}
+    for kernel in ("matmul", "sdpa"):
+        attention.cpu_low_precision_kernel = kernel
+        inputs = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attention(inputs)
+        out.float().square().sum().backward()
+        outputs[kernel], grads[kernel] = out.float(), inputs.grad
+    torch.testing.assert_close(outputs["matmul"], outputs["sdpa"], atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(grads["matmul"], grads["sdpa"], atol=5e-2, rtol=5e-2)
+    # fp32 always takes the fused kernel: identical whatever the switch says
+    attention.cpu_low_precision_kernel = "matmul"
+    reference = attention(x)
+    attention.cpu_low_precision_kernel = "sdpa"
+    assert torch.equal(attention(x), reference)
+
+
 def test_missing_script_is_reported_not_available(tmp_path):
     section = run_script("sampling", quick=True, workdir=tmp_path, benchmarks_dir=tmp_path / "nowhere")
     assert section["status"] == "not available"
@@ -165,6 +189,7 @@ def test_repa_bench_quick_writes_every_section(tmp_path):
         "SiT-B/2 fp32 cached",
         "SiT-B/2 bf16 cached",
         "SiT-B/2 bf16 on-the-fly",
+        "SiT-B/2 bf16 cached sdpa-attention",
     }
     for entry in train["variants"].values():
         assert entry["median_s"] > 0 and entry["samples_per_s"] > 0
