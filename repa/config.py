@@ -42,6 +42,9 @@ class ModelOptions:
         8, "REPA tap: block after which hidden tokens are aligned (1-based)", aliases=("--encoder-depth",)
     )
     proj_coeff: float = option(0.5, "weight of the alignment loss (REPA's lambda)")
+    align_resample: bool = option(
+        False, "interpolate encoder tokens to the model's token grid when their counts differ (opt-in)"
+    )
     projector_dim: int = option(2048, "hidden width of the REPA projector MLP")
     num_classes: int = option(1000, "number of classes; the null class for CFG is this index")
     class_dropout_prob: float = option(
@@ -428,7 +431,7 @@ def config_reference_markdown() -> str:
     for section_name, f in iter_options():
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         aliases = ", ".join(f"`{a}`" for a in f.metadata.get("aliases", ()))
-        help_text = f.metadata["help"]
+        help_text = f.metadata["help"].replace("|", "\\|")  # a bare | would split the table cell
         cells = [f"`{_flag_name(f)}`", aliases, f"`{json.dumps(default)}`", section_name, help_text]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -214,6 +214,11 @@ def test_token_mismatch_is_reported_before_training(shards, encoder_file, tmp_pa
     with pytest.raises(ValueError, match="token count mismatch.*use patch size 4"):
         train(config)
     assert not (tmp_path / "run" / "checkpoints").exists()
+    # opting in interpolates the encoder's 4x4 tokens to the model's 8x8 grid
+    config.model.align_resample = True
+    config.run.max_train_steps = 2
+    result = train(config)
+    assert result.step == 2 and "cos_sim_0" in read_metrics(result.run_dir)[-1]
 
 
 def test_missing_data_is_reported(tmp_path):

@@ -256,6 +256,9 @@ def run_demo(options: DemoOptions) -> dict:
             options, folders["shards"], "repa-e", "repa-e", encoder_spec, str(vae_path)
         )
         configs["repa-e"].model.name = "SiT-S/2"  # 16x16 latents -> the teacher's 8x8 tokens
+    if options.encoder:  # a registry encoder's token grid at 32px need not match the SiT's 8x8
+        for config in configs.values():
+            config.model.align_resample = True
     run_dirs = {}
     for name, config in configs.items():
         mark = time.perf_counter()
@@ -389,6 +392,16 @@ def write_report(output: Path, summary: dict) -> Path:
             lines.append(
                 f"- {run}: {entry.get('status', 'n/a')} (baseline best {entry.get('baseline_best')})"
             )
+    last_step = max(row["step"] for row in summary["rows"])
+    final = {row["run"]: row.get(metric) for row in summary["rows"] if row["step"] == last_step}
+    if "sit" in final and final["sit"]:
+        for run, value in final.items():
+            if run != "sit" and value is not None:
+                change = (value - final["sit"]) / final["sit"]
+                lines.append(
+                    f"- {run} at the last checkpoint (step {last_step}): {metric} {value:.3f} vs the "
+                    f"baseline's {final['sit']:.3f} ({change:+.0%})"
+                )
     lines += ["", "## Samples (EMA, final checkpoint)", ""]
     for name, grid in summary["grids"].items():
         lines.append(f"- {name}: ![{name}]({Path(grid).relative_to(output)})")

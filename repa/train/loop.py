@@ -143,12 +143,13 @@ def build_parts(config: ExperimentConfig, device: torch.device):
 
     model_config = config_for(config.model.name, **model_config_overrides)
     for encoder in encoders:
-        if encoder.num_tokens(resolution) != model_config.num_tokens:
+        if encoder.num_tokens(resolution) != model_config.num_tokens and not config.model.align_resample:
             raise ValueError(
                 f"token count mismatch: {config.model.name} on {latent_size}x{latent_size} latents has "
                 f"{model_config.num_tokens} tokens but {encoder.name} at {resolution}px gives "
                 f"{encoder.num_tokens(resolution)}; at {resolution}px use patch size "
-                f"{_matching_patch(latent_size, encoder.num_tokens(resolution))} or another resolution"
+                f"{_matching_patch(latent_size, encoder.num_tokens(resolution))}, another resolution, or "
+                "--align-resample to interpolate the encoder's tokens"
             )
     model = create_model(config.model.name, **model_config_overrides)
     tokenizer.to(device).freeze()
@@ -280,6 +281,7 @@ def build_method(config: ExperimentConfig, tokenizer, encoders, model, accelerat
         time_sampler=create_time_sampler(config.transport.time_sampler, **time_options),
         proj_coeff=config.model.proj_coeff,
         autocast=accelerator.autocast,
+        resample_targets=config.model.align_resample,
     )
     if config.method != "repa-e":
         return DenoisingMethod(**common)

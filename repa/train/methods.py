@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from repa.align import alignment_loss, token_cosine
+from repa.align import alignment_loss, resample_tokens, token_cosine
 from repa.transport import denoising_loss, interpolate, sample_training_inputs
 
 
@@ -50,6 +50,7 @@ class DenoisingMethod:
         time_sampler,
         proj_coeff: float,
         autocast: Callable = contextlib.nullcontext,
+        resample_targets: bool = False,
     ):
         self.tokenizer = tokenizer
         self.encoders = list(encoders)
@@ -57,6 +58,7 @@ class DenoisingMethod:
         self.time_sampler = time_sampler
         self.proj_coeff = proj_coeff if self.encoders else 0.0
         self.autocast = autocast  # the loop's mixed-precision context, for the frozen parts
+        self.resample_targets = resample_targets  # interpolate encoder tokens to the model's grid
 
     @torch.no_grad()
     def prepare(self, batch, device: torch.device) -> StepInputs:
@@ -107,11 +109,13 @@ class DenoisingMethod:
         metrics = {"loss_denoise": denoise.detach()}
         loss = denoise
         if self.encoders:
-            align = alignment_loss(projections, inputs.target_tokens)
+            align = alignment_loss(projections, inputs.target_tokens, resample=self.resample_targets)
             loss = denoise + self.proj_coeff * align
             metrics["loss_align"] = align.detach()
             # mean cosine per encoder, the figure papers plot (0.6-0.75 is normal for REPA)
             for k, (h, z) in enumerate(zip(projections, inputs.target_tokens)):
+                if self.resample_targets:
+                    z = resample_tokens(z, h.shape[1])
                 metrics[f"cos_sim_{k}"] = token_cosine(h.detach(), z).mean()
         metrics["loss"] = loss.detach()
         metrics.update(inputs.metrics)
@@ -147,8 +151,9 @@ class REPAEMethod(DenoisingMethod):
         max_grad_norm: float,
         sync_gradients: Callable[[list[torch.Tensor]], bool],
         autocast: Callable,
+        resample_targets: bool = False,
     ):
-        super().__init__(tokenizer, encoders, path, time_sampler, proj_coeff, autocast)
+        super().__init__(tokenizer, encoders, path, time_sampler, proj_coeff, autocast, resample_targets)
         self.sit = sit  # unwrapped: the align-only pass needs no gradient synchronisation
         self.vae_loss = vae_loss
         self.vae_optimizer = vae_optimizer
@@ -198,7 +203,7 @@ class REPAEMethod(DenoisingMethod):
             noise = torch.randn_like(latents)
             x_t, _ = interpolate(self.path, latents, noise, t)
             _, projections = self.sit(x_t, t, labels, align_only=True)
-            align = alignment_loss(projections, target_tokens)
+            align = alignment_loss(projections, target_tokens, resample=self.resample_targets)
             generator_loss, parts = self.vae_loss.generator_loss(
                 pixels, reconstructions.float(), mean, logvar
             )
