@@ -333,6 +333,7 @@ def _matching_patch(latent_size: int, num_tokens: int) -> str:
 def train(config: ExperimentConfig) -> TrainResult:
     """Train (or resume) the run described by `config`; returns where it stopped."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DistributedDataParallelKwargs
 
     from repa.data.shards import expand_shard_urls
@@ -352,6 +353,11 @@ def train(config: ExperimentConfig) -> TrainResult:
     _check_local_shards(expand_shard_urls(config.data.data))
     manifest = read_shard_manifest(config)
 
+    # accelerate keeps precision and gradient settings in process-wide singletons; train() may run
+    # several times in one process (the demo, notebooks, tests) with other settings. The
+    # distributed state (PartialState) is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     accelerator = Accelerator(
         mixed_precision=config.run.mixed_precision,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
