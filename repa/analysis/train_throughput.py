@@ -130,8 +130,8 @@ class TrainStep:
         from repa.config import ExperimentConfig
         from repa.models import create_model
         from repa.train.ema import EMA
-        from repa.train.loop import adamw
         from repa.train.methods import DenoisingMethod
+        from repa.train.setup import adamw
         from repa.transport import create_time_sampler
 
         defaults = ExperimentConfig()  # the loop's default optimiser, transport and loss options
