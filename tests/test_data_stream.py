@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -11,10 +13,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from repa.data import shards as shard_format
 from repa.data.build import build_shards
-from repa.data.shards import ShardFormatError, expand_shard_urls, iter_tar_members
-from repa.data.stream import StreamError, iter_eval_batches, make_train_stream
+from repa.data.shards import (
+    DeferredMember,
+    LocalShard,
+    ShardFormatError,
+    expand_shard_urls,
+    iter_tar_members,
+    member_bytes,
+)
+from repa.data.stream import RING_SLOTS, StreamError, iter_eval_batches, make_train_stream
 from repa.data.synthetic import write_synthetic_dataset
 from tests.test_data_fakes import FakeTokenizer
 
@@ -133,6 +144,52 @@ def test_resume_is_deterministic_and_does_not_replay(shard_dirs):
     assert [b.keys for b in restored] == [b.keys for b in stream(resume_batches=6, num_batches=2)]
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_batches_stay_intact_while_the_consumer_holds_them(shard_dirs, num_workers, monkeypatch):
+    """Workers reuse their shared batch slots; batches already handed out must never change, and
+    members left in the shard file (deferred) must come back with the right bytes."""
+    reference = {}
+    for batch in iter_eval_batches(str(shard_dirs["cached"]), batch_size=8, with_latents=True):
+        for row, key in enumerate(batch.keys):
+            reference[key] = (batch.images[row], batch.moments[row])
+    deferred_reads = []
+    if num_workers == 0:  # count reads of deferred members (worker processes count in their own copy)
+        read = DeferredMember.read
+        monkeypatch.setattr(DeferredMember, "read", lambda self: deferred_reads.append(1) or read(self))
+    num_batches = 3 * RING_SLOTS * max(1, num_workers) + 1  # every slot is reused several times
+    stream = make_train_stream(
+        str(shard_dirs["cached"]), batch_size_per_rank=4, num_workers=num_workers, seed=5,
+        shuffle_buffer=8, with_latents=True, num_batches=num_batches,
+    )  # fmt: skip
+    stream.dataset.defer_over = 64  # the 16 px PNGs (~0.5 kB) and moments (~0.5 kB) stay in the file
+    held = list(stream)  # all of them held at once
+    assert len(held) == num_batches
+    for batch in held:
+        for row, key in enumerate(batch.keys):
+            image, moments = reference[key]
+            assert torch.equal(batch.images[row], image) and torch.equal(batch.moments[row], moments)
+    if num_workers == 0:
+        assert len(deferred_reads) >= 2 * 4 * num_batches  # a PNG and its moments per sample
+
+
+def test_sample_of_another_size_is_skipped(tmp_path):
+    with tarfile.open(tmp_path / "mixed.tar", "w") as archive:
+        for index, size in enumerate([16, 8, 16, 16]):  # the second sample is smaller
+            png = io.BytesIO()
+            Image.new("RGB", (size, size), (index * 40, 0, 0)).save(png, format="PNG")
+            for suffix, data in (("png", png.getvalue()), ("cls", b"0")):
+                info = tarfile.TarInfo(f"{index:04d}.{suffix}")
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    stream = make_train_stream(
+        str(tmp_path / "mixed.tar"), batch_size_per_rank=3, num_workers=0, shuffle_buffer=1, num_batches=2
+    )
+    with pytest.warns(UserWarning, match=r"image of shape \(8, 8, 3\), this batch holds \(16, 16, 3\)"):
+        keys = [key for batch in stream for key in batch.keys]
+    assert len(keys) == 6 and "0001" not in keys
+    assert stream.num_skipped >= 1
+
+
 def _rewrite_shard(source: Path, target: Path, corrupt_member: str) -> None:
     """Copy a shard, flipping bytes in the middle of one member (a PNG: its IDAT data)."""
     with tarfile.open(source) as reader, tarfile.open(target, "w") as writer:
@@ -244,7 +301,7 @@ def test_batches_are_pinned_on_cuda(shard_dirs):
 
 
 @pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
-def test_tar_reader_handles_long_names_and_detects_damage(tar_format):
+def test_tar_reader_handles_long_names_and_detects_damage(tar_format, tmp_path):
     long_directory = "d" * 120 if tar_format != tarfile.USTAR_FORMAT else "d" * 60
     names = [f"{long_directory}/sample0.png", f"{long_directory}/sample0.cls", "sample1.png"]
     buffer = io.BytesIO()
@@ -266,3 +323,61 @@ def test_tar_reader_handles_long_names_and_detects_damage(tar_format):
         list(iter_tar_members(io.BytesIO(bytes(damaged))))
     with pytest.raises(ShardFormatError, match="truncated"):
         list(iter_tar_members(io.BytesIO(data[:1800])))
+
+    # Reading a local file with large members left in it: same names and bytes, same checks.
+    path = tmp_path / "shard.tar"
+    path.write_bytes(data)
+    shard = LocalShard(str(path))
+    with open(path, "rb") as stream:
+        deferred = list(iter_tar_members(stream, defer_over=700, shard=shard))
+    assert [name for name, _ in deferred] == names
+    assert [type(payload) for _, payload in deferred] == [bytes, DeferredMember, DeferredMember]
+    assert [member_bytes(payload) for _, payload in deferred] == [payload for _, payload in members]
+    fd = shard.fd
+    del deferred, shard
+    gc.collect()
+    with pytest.raises(OSError):  # closed with the last member that referred to it
+        os.fstat(fd)
+    for name, payload in [
+        ("damaged.tar", bytes(damaged)),
+        ("truncated.tar", data[: data.index(b"sample1.png") + 612]),
+    ]:
+        (tmp_path / name).write_bytes(payload)
+        with (
+            open(tmp_path / name, "rb") as stream,
+            pytest.raises(ShardFormatError, match="checksum|truncated"),
+        ):
+            list(iter_tar_members(stream, defer_over=100, shard=LocalShard(str(tmp_path / name))))
+
+
+def test_fast_tar_checksum_equals_the_byte_sum():
+    rng = np.random.default_rng(0)
+    headers = [rng.integers(0, 256, 512, dtype=np.uint8).tobytes() for _ in range(200)]
+    headers += [bytes(512), b"\xff" * 512]  # the extremes of the sum
+    for header in headers:
+        exact = sum(header[:148]) + sum(header[156:]) + 8 * 32  # the checksum field counts as spaces
+        assert shard_format._header_sum_mod_65521(header) == exact % 65521
+
+
+def test_worker_slots_are_reused_in_order_and_a_full_dev_shm_is_named(monkeypatch):
+    import multiprocessing
+
+    from repa.data import stream as stream_module
+
+    semaphore = multiprocessing.get_context().Semaphore(RING_SLOTS)
+    ring = stream_module._SlotRing(semaphore, local_worker=0)
+    first = {"image": np.zeros((4, 4, 3), np.uint8), "moments": None, "features": None}
+    slots = []
+    for _ in range(2 * RING_SLOTS):
+        _builder, slot = ring.take(2, first)
+        slots.append(slot)
+        semaphore.release()  # what the training process does once it has copied the batch out
+    assert slots == list(range(RING_SLOTS)) * 2 and len(ring.slots) == RING_SLOTS
+    assert all(tensor.is_shared() for slot in ring.slots for tensor in slot.values())
+
+    def no_room(*args, **kwargs):
+        raise RuntimeError("unable to write to file </torch_1_2>: No space left on device (28)")
+
+    monkeypatch.setattr(stream_module.BatchBuilder, "allocate", staticmethod(no_room))
+    with pytest.raises(StreamError, match=r"No space left.*--shm-size"):
+        stream_module._SlotRing(semaphore, local_worker=0).take(2, first)

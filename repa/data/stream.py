@@ -2,10 +2,13 @@
 
 Training stream (`make_train_stream`), per rank:
   shards -> split by (rank, data-loader worker) -> resampled forever (a fresh seeded permutation of
-  the worker's own shards each pass) -> seeded shuffle buffer of raw samples -> decode to uint8
-  tensors, optional horizontal flip (with the cached moments of the flipped image) -> batch in the
-  worker -> DataLoader (pinned memory on CUDA) -> `Batch`.
+  the worker's own shards each pass) -> seeded shuffle buffer of raw samples (large members of
+  local shards stay in the file until drawn) -> decode to uint8, optional horizontal flip (with the
+  cached moments of the flipped image), each sample written straight into its row of a batch held
+  in one of the worker's reused shared-memory slots -> the training process copies the batch out
+  (into pinned memory on CUDA) and frees the slot -> `Batch`.
 It does its own node/worker splitting and must not be passed through `accelerator.prepare`.
+Measured against REPA's folder loader and against bare PNG decoding in benchmarks/bench_data.py.
 
 Guarantees (tested in tests/test_data_stream.py):
 - Every rank and worker reads a disjoint set of shards; every rank yields the same number of
@@ -36,6 +39,8 @@ Use in a training loop (the loop saves `stream.state_dict()` with its checkpoint
 from __future__ import annotations
 
 import io
+import multiprocessing
+import os
 import random
 import warnings
 from collections.abc import Iterator, Sequence
@@ -114,7 +119,7 @@ def decode_png(data: bytes, flip: bool = False) -> np.ndarray:
 def _require(sample: dict[str, Any], suffix: str) -> bytes:
     if suffix not in sample:
         raise KeyError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no {suffix}")
-    return sample[suffix]
+    return fmt.member_bytes(sample[suffix])
 
 
 def decode_sample(
@@ -132,28 +137,165 @@ def decode_sample(
     return dict(image=image, label=label, moments=moments, features=features, key=key, flipped=flip)
 
 
-def collate(decoded: list[dict[str, Any]], worker: int = 0, skipped: int = 0) -> Batch:
-    def stack(name: str, dtype: torch.dtype) -> torch.Tensor | None:
-        if decoded[0][name] is None:
-            return None
-        return torch.from_numpy(np.stack([d[name] for d in decoded])).to(dtype)
+class BatchBuilder:
+    """Writes decoded samples row by row straight into (B, ...) tensors, then hands out a `Batch`.
 
-    return Batch(
-        # (B, H, W, 3) -> (B, 3, H, W) as a view: channels_last memory, no transposing copy.
-        images=torch.from_numpy(np.stack([d["image"] for d in decoded])).permute(0, 3, 1, 2),
-        labels=torch.tensor([d["label"] for d in decoded], dtype=torch.int64),
-        moments=stack("moments", torch.float32),
-        features=stack("features", torch.float16),
-        keys=[d["key"] for d in decoded],
-        flipped=torch.tensor([d["flipped"] for d in decoded], dtype=torch.bool),
-        worker=worker,
-        skipped=skipped,
-    )
+    Each image is copied once, from the decoder into its row: no per-sample arrays to stack, and in
+    a data-loader worker the tensors are a recycled shared-memory slot (see `_SlotRing`), so the
+    batch is not copied again into fresh shared memory on its way to the training process.
+    The first sample fixes the shapes; a later sample of another shape is refused (ValueError)
+    and the stream skips it like any corrupt sample, instead of failing the whole batch.
+    """
+
+    def __init__(self, capacity: int, first: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None):
+        self.capacity = capacity
+        # images (B, H, W, 3) uint8, moments (B, 2C, h, w) float32, features (B, T, D) float16
+        self.tensors = tensors if tensors is not None else self.allocate(capacity, first)
+        self.arrays = {name: tensor.numpy() for name, tensor in self.tensors.items()}  # same memory
+        self.labels: list[int] = []
+        self.keys: list[str] = []
+        self.flipped: list[bool] = []
+
+    @staticmethod
+    def allocate(capacity: int, first: dict[str, Any], share: bool = False) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for name, dtype in (("image", torch.uint8), ("moments", torch.float32), ("features", torch.float16)):
+            if first[name] is not None:
+                tensor = torch.empty((capacity, *first[name].shape), dtype=dtype)
+                tensors[name] = tensor.share_memory_() if share else tensor
+        return tensors
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def add(self, decoded: dict[str, Any]) -> None:
+        row = len(self.keys)
+        for name, rows in self.arrays.items():
+            array = decoded[name]
+            if array is None or array.shape != rows.shape[1:]:
+                got = "nothing" if array is None else tuple(array.shape)
+                raise ValueError(
+                    f"sample {decoded['key']}: {name} of shape {got}, this batch holds {rows.shape[1:]}"
+                )
+        for name, rows in self.arrays.items():
+            rows[row] = decoded[name]  # numpy casts float16/float32 as needed
+        self.labels.append(decoded["label"])
+        self.keys.append(decoded["key"])
+        self.flipped.append(decoded["flipped"])
+
+    def batch(self, worker: int = 0, skipped: int = 0) -> Batch:
+        rows = len(self.keys)
+        tensors = {name: tensor[:rows] for name, tensor in self.tensors.items()}
+        return Batch(
+            # (B, H, W, 3) -> (B, 3, H, W) as a view: channels_last memory, no transposing copy.
+            images=tensors["image"].permute(0, 3, 1, 2),
+            labels=torch.tensor(self.labels, dtype=torch.int64),
+            moments=tensors.get("moments"),
+            features=tensors.get("features"),
+            keys=self.keys,
+            flipped=torch.tensor(self.flipped, dtype=torch.bool),
+            worker=worker,
+            skipped=skipped,
+        )
+
+
+def collate(decoded: list[dict[str, Any]], worker: int = 0, skipped: int = 0) -> Batch:
+    """Decoded samples -> one `Batch` (fresh tensors)."""
+    builder = BatchBuilder(len(decoded), decoded[0])
+    for sample in decoded:
+        builder.add(sample)
+    return builder.batch(worker=worker, skipped=skipped)
 
 
 def stream_seed(seed: int, rank: int, worker: int, resume_batches: int) -> int:
     """The seed of one worker's generator: a hash of (seed, rank, worker, resume point)."""
     return int(np.random.SeedSequence([seed, rank, worker, resume_batches]).generate_state(1, np.uint64)[0])
+
+
+# Members larger than this stay in local shard files until their sample is decoded
+# (`shards.DeferredMember`): the shuffle buffer then holds headers and small fields only.
+DEFER_OVER = 16 * 1024
+
+# Batches a data-loader worker may have produced but the training process not yet copied: the
+# DataLoader asks a worker for at most PREFETCH batches ahead, so RING_SLOTS = PREFETCH + 2 slots
+# per worker are never all in use and a worker never waits for one (`_SlotRing.take`).
+PREFETCH = 4
+RING_SLOTS = PREFETCH + 2
+
+
+@dataclass
+class _SlotMessage:
+    """What a worker sends for one batch: the batch's small fields and which shared slot holds it.
+
+    The slot's tensors travel (as shared-memory handles) only with the slot's first batch; the
+    training process keeps them and later messages name the slot by index.
+    """
+
+    local_worker: int  # the worker's index on this rank (its semaphore)
+    slot: int
+    tensors: dict[str, torch.Tensor] | None  # the slot's shared tensors, first use only
+    labels: list[int]  # lists, not tensors: a tensor would be moved to new shared memory too
+    keys: list[str]
+    flipped: list[bool]
+    worker: int
+    skipped: int
+
+
+class _SlotRing:
+    """A worker's RING_SLOTS shared-memory batch buffers, reused round-robin.
+
+    Why: handing a fresh batch to the DataLoader makes torch move it into new shared memory, and
+    on a 2-core machine that allocation and copy (page faults in /dev/shm) cost 166 us per 256 px
+    sample, 17% of its PNG decode. Here each slot is allocated and faulted in once; the training
+    process copies a batch out (into pinned memory on CUDA: the copy the DataLoader's pin-memory
+    thread would make anyway) and releases the slot through this worker's semaphore. The batches
+    of one worker arrive in order, so slot n % RING_SLOTS is free once the semaphore is acquired.
+    """
+
+    def __init__(self, semaphore: Any, local_worker: int):
+        self.semaphore, self.local_worker = semaphore, local_worker
+        self.slots: list[dict[str, torch.Tensor]] = []
+        self.sent: set[int] = set()
+        self.count = 0
+        self.parent = os.getppid()
+
+    def take(self, capacity: int, first: dict[str, Any]) -> tuple[BatchBuilder, int]:
+        waited = 0.0
+        while not self.semaphore.acquire(timeout=5.0):
+            waited += 5.0
+            if os.getppid() != self.parent:  # the training process is gone
+                raise SystemExit(0)
+            if waited >= 600:
+                raise StreamError(
+                    f"data-loader worker {self.local_worker}: no free batch slot after {waited:.0f} s; "
+                    "the training process stopped copying batches out"
+                )
+        slot = self.count % RING_SLOTS
+        self.count += 1
+        if slot == len(self.slots):
+            try:
+                self.slots.append(BatchBuilder.allocate(capacity, first, share=True))
+            except RuntimeError as exn:  # /dev/shm full: Docker gives containers 64 MB unless told
+                raise StreamError(
+                    f"data-loader worker {self.local_worker} could not allocate batch slot {slot + 1} of "
+                    f"{RING_SLOTS} in shared memory ({exn}); give /dev/shm more room (docker run "
+                    "--shm-size=...), or use fewer --num-workers or a smaller per-GPU batch"
+                ) from exn
+        return BatchBuilder(capacity, first, self.slots[slot]), slot
+
+    def message(self, builder: BatchBuilder, slot: int, worker: int, skipped: int) -> _SlotMessage:
+        first_use = slot not in self.sent
+        self.sent.add(slot)
+        return _SlotMessage(
+            local_worker=self.local_worker,
+            slot=slot,
+            tensors=self.slots[slot] if first_use else None,
+            labels=builder.labels,
+            keys=builder.keys,
+            flipped=builder.flipped,
+            worker=worker,
+            skipped=skipped,
+        )
 
 
 class ShardStream(IterableDataset):
@@ -182,6 +324,8 @@ class ShardStream(IterableDataset):
         self._raw_in_last_pass = 0
         self._consecutive_failures = 0
         self._last_error = ""
+        self.slot_semaphores: list | None = None  # set by TrainStream while it starts workers
+        self.defer_over = DEFER_OVER
 
     def _skip(self, exn: Exception) -> bool:
         """webdataset-style handler: warn, count, continue."""
@@ -200,7 +344,7 @@ class ShardStream(IterableDataset):
             rng.shuffle(order)
             raw_in_pass = 0
             for url in order:
-                for sample in fmt.iter_tar_samples(url, handler=self._skip):
+                for sample in fmt.iter_tar_samples(url, handler=self._skip, defer_over=self.defer_over):
                     raw_in_pass += 1
                     yield sample
             if raw_in_pass == 0:
@@ -252,12 +396,28 @@ class ShardStream(IterableDataset):
             raise StreamError(f"worker {global_worker} has no shard: {len(self.urls)} shards are too few")
         rng = random.Random(stream_seed(self.seed, self.rank, worker, self.resume_batches))
         self.skipped, self._consecutive_failures, self._raw_in_last_pass = 0, 0, 0
-        pending: list[dict[str, Any]] = []
+        ring = None
+        if info is not None and self.slot_semaphores is not None:
+            ring = _SlotRing(self.slot_semaphores[worker], worker)
+        builder, slot = None, None
         for decoded in self._decoded(self._shuffled(self._raw_samples(shards, rng), rng), rng):
-            pending.append(decoded)
-            if len(pending) == self.batch_size:
-                yield collate(pending, worker=global_worker, skipped=self.skipped)
-                pending = []
+            if builder is None:
+                builder, slot = (
+                    ring.take(self.batch_size, decoded)
+                    if ring
+                    else (BatchBuilder(self.batch_size, decoded), None)
+                )
+            try:
+                builder.add(decoded)
+            except ValueError as exn:  # a sample of another size than the rest: skip it
+                self._skip(exn)
+                continue
+            if len(builder) == self.batch_size:
+                if ring is None:
+                    yield builder.batch(worker=global_worker, skipped=self.skipped)
+                else:
+                    yield ring.message(builder, slot, worker=global_worker, skipped=self.skipped)
+                builder = None
 
 
 @dataclass
@@ -298,18 +458,28 @@ class TrainStream:
         self._skipped_before = self.num_skipped
         self._skipped_per_worker = {}
         self.dataset.resume_batches = self.batches_seen
-        loader = DataLoader(
-            self.dataset,
-            batch_size=None,  # the workers batch
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            prefetch_factor=4 if self.num_workers > 0 else None,
-        )
-        batches = iter(loader)
+        context = multiprocessing.get_context() if self.num_workers > 0 else None
+        semaphores = [context.Semaphore(RING_SLOTS) for _ in range(self.num_workers)] if context else []
+        self.dataset.slot_semaphores = semaphores or None
         try:
-            for count, batch in enumerate(batches):
+            loader = DataLoader(
+                self.dataset,
+                batch_size=None,  # the workers batch
+                num_workers=self.num_workers,
+                # With workers, batches are copied out of their slots into pinned memory here.
+                pin_memory=self.pin_memory and self.num_workers == 0,
+                prefetch_factor=PREFETCH if self.num_workers > 0 else None,
+                multiprocessing_context=context,
+            )
+            batches = iter(loader)  # starts the workers, which take the semaphores with them
+        finally:
+            self.dataset.slot_semaphores = None
+        slot_tensors: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        try:
+            for count, item in enumerate(batches):
                 if self.num_batches is not None and count >= self.num_batches:
                     break
+                batch = item if isinstance(item, Batch) else self._copy_out(item, slot_tensors, semaphores)
                 self._skipped_per_worker[batch.worker] = batch.skipped
                 self.batches_seen += 1
                 yield batch
@@ -319,6 +489,39 @@ class TrainStream:
             shutdown = getattr(batches, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
+
+    def _copy_out(
+        self,
+        message: _SlotMessage,
+        slot_tensors: dict[tuple[int, int], dict[str, torch.Tensor]],
+        semaphores: list,
+    ) -> Batch:
+        """Copy a batch out of its worker's shared slot (pinned memory on CUDA), then free the slot."""
+        key = (message.local_worker, message.slot)
+        if message.tensors is not None:
+            slot_tensors[key] = message.tensors
+        rows = len(message.keys)
+        copies = {}
+        for name, shared in slot_tensors[key].items():
+            source = shared[:rows]
+            copy = torch.empty(source.shape, dtype=source.dtype, pin_memory=self.pin_memory)
+            # numpy's single-threaded memcpy: torch's copy_ splits into OpenMP threads, which wait
+            # milliseconds for cores busy with the workers (1.4 ms for a 196 kB batch here).
+            np.copyto(copy.numpy(), source.numpy())
+            copies[name] = copy
+        semaphores[message.local_worker].release()
+        labels = torch.tensor(message.labels, dtype=torch.int64, pin_memory=self.pin_memory)
+        flipped = torch.tensor(message.flipped, dtype=torch.bool, pin_memory=self.pin_memory)
+        return Batch(
+            images=copies["image"].permute(0, 3, 1, 2),  # channels_last view, as BatchBuilder.batch
+            labels=labels,
+            moments=copies.get("moments"),
+            features=copies.get("features"),
+            keys=message.keys,
+            flipped=flipped,
+            worker=message.worker,
+            skipped=message.skipped,
+        )
 
 
 def _check_fields(
