@@ -381,3 +381,28 @@ def test_worker_slots_are_reused_in_order_and_a_full_dev_shm_is_named(monkeypatc
     monkeypatch.setattr(stream_module.BatchBuilder, "allocate", staticmethod(no_room))
     with pytest.raises(StreamError, match=r"No space left.*--shm-size"):
         stream_module._SlotRing(semaphore, local_worker=0).take(2, first)
+
+
+def test_copied_out_batches_reuse_memory_only_once_nothing_refers_to_it():
+    from repa.data.stream import _RecycledBuffers
+
+    recycled = _RecycledBuffers()
+    assert recycled.idle_references is not None  # this torch exposes the count; reuse is on
+    shape = torch.Size([4, 8, 8, 3])
+    batch = recycled.take("image", shape, torch.uint8)
+    address = batch.data_ptr()
+    del batch
+    assert recycled.take("image", shape, torch.uint8).data_ptr() == address  # nothing held it: reused
+    for holder in ("view", "numpy", "tensor"):
+        batch = recycled.take("image", shape, torch.uint8)
+        assert batch.data_ptr() == address
+        kept = {
+            "view": lambda t: t.permute(0, 3, 1, 2)[:2],
+            "numpy": lambda t: t.numpy(),
+            "tensor": lambda t: t,
+        }
+        held = kept[holder](batch)
+        del batch
+        assert recycled.take("image", shape, torch.uint8).data_ptr() != address, holder  # still in use
+        del held
+    assert len(recycled.buffers["image"]) <= recycled.KEEP
