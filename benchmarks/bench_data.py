@@ -5,13 +5,20 @@ Three readers of the same images (identical PNG bytes) with the same number of w
   folder   REPA's published layout: images/*.png and vae-sd/*.npy, one file each per sample, read
            by a torch Dataset + DataLoader (shuffled), PNG decoded with the same decoder
   decode   the physical limit here: the same PNG bytes already in memory, decoded by a pool of
-           worker processes, no file reads, no batching, nothing sent back
-Throughput is samples/s in steady state (the clock starts at the first batch, so worker start-up
-is excluded; it is reported separately), median of `--runs` runs after one warm-up run.
+           worker processes that inherited them at fork, so no file reads, no bytes sent to the
+           workers, no batching and nothing sent back
+All three do the same work per sample (PNG decode, no flips: `--random-flip` is off by default,
+as in REPA); `--flip` makes the stream also flip half the images, which the others do not.
+Each reader goes over the images `--passes` times per run (the stream is endless; the folder
+loader keeps its workers across epochs; the decode pool repeats its list). Throughput is samples/s
+in steady state (the clock starts at the first batch, so worker start-up is excluded; it is
+reported separately), median of `--runs` runs after one warm-up run, the readers' order rotated
+each run. CPU time per sample (all of a reader's processes) is reported too: on a shared machine
+it moves less than the rates do.
 The target is stream >= 90% of decode and stream > folder; the JSON says by how much each is met
 or missed, with a per-stage profile of the stream's per-sample work in one process.
 
-    python benchmarks/bench_data.py --resolutions 32,256 --num-images 2000 --workers 2
+    python benchmarks/bench_data.py --resolutions 32,256 --num-images 2048 --workers 2 --runs 5
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -64,10 +72,14 @@ class FolderDataset(Dataset):
         return torch.from_numpy(image.copy()).permute(2, 0, 1), torch.from_numpy(moments), label
 
 
-def _decode_chunk(chunk: list[bytes]) -> int:
-    for data in chunk:
-        decode_png(data)
-    return len(chunk)
+_PNGS: list[bytes] = []  # set before the decode pool forks, so its workers hold the bytes already
+
+
+def _decode_every(start: int, step: int, passes: int) -> int:
+    for _ in range(passes):
+        for data in _PNGS[start::step]:
+            decode_png(data)
+    return passes * len(_PNGS[start::step])
 
 
 def prepare(workdir: Path, num_images: int, resolution: int, workers: int) -> tuple[Path, Path, list[bytes]]:
@@ -95,27 +107,43 @@ def prepare(workdir: Path, num_images: int, resolution: int, workers: int) -> tu
     return shards, folder, pngs
 
 
-def _timed(batches, batch_size: int, num_batches: int) -> tuple[float, float]:
-    """(steady samples/s from the first batch on, start-up seconds to the first batch)."""
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of this process and all its live child processes."""
+    total = 0.0
+    for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def _timed(batches, batch_size: int, num_batches: int) -> tuple[float, float, float]:
+    """(steady samples/s from the first batch on, start-up seconds to the first batch, CPU
+    microseconds per sample over the same span: this process and its workers)."""
     start = time.perf_counter()
     first = None
     count = 0
-    for _batch in batches:
+    iterator = iter(batches)
+    for _batch in iterator:
         count += 1
         if first is None:
-            first = time.perf_counter()
+            first, cpu_first = time.perf_counter(), _cpu_seconds()
         if count == num_batches:
             break
-    end = time.perf_counter()
-    return (count - 1) * batch_size / (end - first), first - start
+    # Taken before the iterator is dropped: dropping it stops the workers and their CPU times go.
+    cpu_end, end = _cpu_seconds(), time.perf_counter()
+    samples = (count - 1) * batch_size
+    return samples / (end - first), first - start, 1e6 * (cpu_end - cpu_first) / samples
 
 
 def run_stream(
-    shards: Path, batch_size: int, workers: int, num_batches: int, seed: int
+    shards: Path, batch_size: int, workers: int, num_batches: int, seed: int, flip: bool
 ) -> tuple[float, float]:
     stream = make_train_stream(
         str(shards), batch_size_per_rank=batch_size, num_workers=workers, seed=seed,
-        shuffle_buffer=1000, with_latents=True, flip=True, num_batches=num_batches, pin_memory=False,
+        shuffle_buffer=1000, with_latents=True, flip=flip, num_batches=num_batches, pin_memory=False,
     )  # fmt: skip
     return _timed(stream, batch_size, num_batches)
 
@@ -125,32 +153,36 @@ def run_folder(
 ) -> tuple[float, float]:
     loader = DataLoader(
         FolderDataset(folder), batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
-        generator=torch.Generator().manual_seed(seed), prefetch_factor=4,
+        generator=torch.Generator().manual_seed(seed), prefetch_factor=4, persistent_workers=True,
     )  # fmt: skip
-    return _timed(loader, batch_size, num_batches)
+    # Several epochs with the same workers (persistent: the loader's best case).
+    epochs = (batch for _ in range(num_batches) for batch in loader)
+    return _timed(epochs, batch_size, num_batches)
 
 
-def run_decode(pool, pngs: list[bytes], workers: int) -> float:
-    chunks = [pngs[i::workers] for i in range(workers)]
-    start = time.perf_counter()
-    decoded = sum(pool.map(_decode_chunk, chunks))
-    return decoded / (time.perf_counter() - start)
+def run_decode(pool, workers: int, passes: int) -> tuple[float, None, float]:
+    cpu_start, start = _cpu_seconds(), time.perf_counter()
+    decoded = sum(pool.starmap(_decode_every, [(i, workers, passes) for i in range(workers)]))
+    end, cpu_end = time.perf_counter(), _cpu_seconds()
+    return decoded / (end - start), None, 1e6 * (cpu_end - cpu_start) / decoded
 
 
-def run_one_process(shards: Path, pngs: list[bytes], batch_size: int, seed: int) -> tuple[float, float]:
+def run_one_process(
+    shards: Path, pngs: list[bytes], batch_size: int, seed: int, flip: bool
+) -> tuple[float, float]:
     """(stream samples/s with no worker processes, PNG decode samples/s in this process)."""
     stream = make_train_stream(
         str(shards), batch_size_per_rank=batch_size, num_workers=0, seed=seed, shuffle_buffer=1000,
-        with_latents=True, flip=True, num_batches=len(pngs) // batch_size, pin_memory=False,
+        with_latents=True, flip=flip, num_batches=len(pngs) // batch_size, pin_memory=False,
     )  # fmt: skip
-    stream_rate, _ = _timed(stream, batch_size, len(pngs) // batch_size)
+    stream_rate, _, _ = _timed(stream, batch_size, len(pngs) // batch_size)
     start = time.perf_counter()
     for data in pngs:
         decode_png(data)
     return stream_rate, len(pngs) / (time.perf_counter() - start)
 
 
-def profile_stream_stages(shards: Path, limit: int = 500) -> dict[str, float]:
+def profile_stream_stages(shards: Path, flip: bool, limit: int = 500) -> dict[str, float]:
     """Microseconds per sample of each stream stage, in this process."""
     url = expand_shard_urls(str(shards))[0]
     start = time.perf_counter()
@@ -170,7 +202,7 @@ def profile_stream_stages(shards: Path, limit: int = 500) -> dict[str, float]:
         load_npy(sample[LATENTS])
     npy = time.perf_counter() - start
     start = time.perf_counter()
-    decoded = [decode_sample(s, flip=True, with_latents=True, with_features=False) for s in raw]
+    decoded = [decode_sample(s, flip=flip, with_latents=True, with_features=False) for s in raw]
     full = time.perf_counter() - start
     start = time.perf_counter()
     for i in range(0, n, 64):
@@ -182,30 +214,40 @@ def profile_stream_stages(shards: Path, limit: int = 500) -> dict[str, float]:
         "png_decode_us": png * per,
         "npy_load_us": npy * per,
         "decode_sample_total_us": full * per,
-        "collate_us": stack * per,
+        "batch_rows_us": stack * per,
         "samples_profiled": n,
     }
 
 
 def bench_resolution(args, resolution: int, workdir: Path) -> dict:
     shards, folder, pngs = prepare(workdir, args.num_images, resolution, args.workers)
-    num_batches = args.num_images // args.batch_size
-    names = ("stream", "folder", "decode", "stream_startup_s", "folder_startup_s")
+    num_batches = args.passes * args.num_images // args.batch_size  # the stream is endless
+    readers = ("stream", "folder", "decode")
+    names = (*readers, *(f"{r}_cpu_us_per_sample" for r in readers), "stream_startup_s", "folder_startup_s")
     results: dict[str, list] = {name: [] for name in (*names, "one_process_stream", "one_process_decode")}
+    _PNGS[:] = pngs
     with multiprocessing.get_context("fork").Pool(args.workers) as pool:
+        measure = {
+            "stream": lambda run: run_stream(
+                shards, args.batch_size, args.workers, num_batches, run, args.flip
+            ),
+            "folder": lambda run: run_folder(folder, args.batch_size, args.workers, num_batches, run),
+            "decode": lambda run: run_decode(pool, args.workers, args.passes),
+        }
+        order = list(measure)
         for run in range(args.runs + 1):  # run 0 is the warm-up
-            stream_rate, stream_startup = run_stream(shards, args.batch_size, args.workers, num_batches, run)
-            folder_rate, folder_startup = run_folder(folder, args.batch_size, args.workers, num_batches, run)
-            decode_rate = run_decode(pool, pngs, args.workers)
-            one_stream, one_decode = run_one_process(shards, pngs, args.batch_size, run)
+            measured = {}
+            for name in order[run % 3 :] + order[: run % 3]:  # rotated, so no reader always runs first
+                measured[name] = measure[name](run)
+            one_stream, one_decode = run_one_process(shards, pngs, args.batch_size, run, args.flip)
             if run > 0:
                 results["one_process_stream"].append(one_stream)
                 results["one_process_decode"].append(one_decode)
-                results["stream"].append(stream_rate)
-                results["folder"].append(folder_rate)
-                results["decode"].append(decode_rate)
-                results["stream_startup_s"].append(stream_startup)
-                results["folder_startup_s"].append(folder_startup)
+                for name, (rate, startup, cpu_us) in measured.items():
+                    results[name].append(rate)
+                    results[f"{name}_cpu_us_per_sample"].append(cpu_us)
+                    if startup is not None:
+                        results[f"{name}_startup_s"].append(startup)
     median = {name: statistics.median(values) for name, values in results.items()}
     stream_vs_decode = median["stream"] / median["decode"]
     stream_vs_folder = median["stream"] / median["folder"]
@@ -214,6 +256,13 @@ def bench_resolution(args, resolution: int, workdir: Path) -> dict:
         "png_bytes_mean": float(np.mean([len(p) for p in pngs])),
         "samples_per_s_median": {k: median[k] for k in ("stream", "folder", "decode")},
         "startup_s_median": {"stream": median["stream_startup_s"], "folder": median["folder_startup_s"]},
+        # CPU time per sample of each reader (its processes together), less sensitive than the
+        # rates to other jobs on a shared machine; decode's over the stream's is the stream's
+        # CPU efficiency, which is what its rate ratio tends to on otherwise idle cores.
+        "cpu_us_per_sample_median": {
+            r: median[f"{r}_cpu_us_per_sample"] for r in ("stream", "folder", "decode")
+        },
+        "stream_cpu_efficiency": median["decode_cpu_us_per_sample"] / median["stream_cpu_us_per_sample"],
         "runs": results,
         "one_process_samples_per_s_median": {
             "stream": median["one_process_stream"],
@@ -224,7 +273,8 @@ def bench_resolution(args, resolution: int, workdir: Path) -> dict:
         "stream_over_folder": stream_vs_folder,
         "target_stream_over_decode_0.9_met": stream_vs_decode >= 0.9,
         "target_faster_than_folder_met": stream_vs_folder > 1.0,
-        "stream_stage_profile_one_process": profile_stream_stages(shards),
+        "stream_over_decode_per_run": [s / d for s, d in zip(results["stream"], results["decode"])],
+        "stream_stage_profile_one_process": profile_stream_stages(shards, args.flip),
     }
     if not entry["target_stream_over_decode_0.9_met"]:
         profile = entry["stream_stage_profile_one_process"]
@@ -234,9 +284,12 @@ def bench_resolution(args, resolution: int, workdir: Path) -> dict:
             f"{100 * (0.9 - stream_vs_decode):.1f} points under the 90% target. Per sample in one process: "
             f"PNG decode {profile['png_decode_us']:.0f} us; the overhead is tar reading and grouping "
             f"{profile['tar_read_and_group_us']:.0f} us, latent .npy {profile['npy_load_us']:.0f} us, "
-            f"collate {profile['collate_us']:.0f} us, plus the batch transfer from the workers. In one "
-            f"process without workers the stream runs at {100 * one_process:.0f}% of decode; with workers "
-            f"the consumer process also competes with them for the {os.cpu_count()} cores."
+            f"writing batch rows {profile['batch_rows_us']:.0f} us, Python's per-sample bookkeeping and "
+            f"the training process copying each batch out. In one process without workers the stream "
+            f"runs at {100 * one_process:.0f}% of decode; with workers the training process also "
+            f"competes with them for the {os.cpu_count()} cores. In CPU time the stream spends "
+            f"{entry['cpu_us_per_sample_median']['stream']:.0f} us per sample, decoding alone "
+            f"{entry['cpu_us_per_sample_median']['decode']:.0f} us."
         )
     if not entry["target_faster_than_folder_met"]:
         entry["shortfall_vs_folder"] = (
@@ -257,6 +310,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5, help="timed runs (after one warm-up)")
+    parser.add_argument("--flip", action="store_true", help="the stream also flips half the images")
+    parser.add_argument(
+        "--passes", type=int, default=3, help="each reader goes over the images this many times per run"
+    )
     parser.add_argument("--output", default="bench_data.json")
     args = parser.parse_args()
     report = {
