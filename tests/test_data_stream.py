@@ -8,6 +8,7 @@ import io
 import os
 import shutil
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -161,7 +162,7 @@ def test_batches_stay_intact_while_the_consumer_holds_them(shard_dirs, num_worke
         str(shard_dirs["cached"]), batch_size_per_rank=4, num_workers=num_workers, seed=5,
         shuffle_buffer=8, with_latents=True, num_batches=num_batches,
     )  # fmt: skip
-    stream.dataset.defer_over = 64  # the 16 px PNGs (~0.5 kB) and moments (~0.5 kB) stay in the file
+    stream.dataset.defer_over = 16  # PNGs, moments and source keys stay in the file; labels do not
     held = list(stream)  # all of them held at once
     assert len(held) == num_batches
     for batch in held:
@@ -169,25 +170,67 @@ def test_batches_stay_intact_while_the_consumer_holds_them(shard_dirs, num_worke
             image, moments = reference[key]
             assert torch.equal(batch.images[row], image) and torch.equal(batch.moments[row], moments)
     if num_workers == 0:
-        assert len(deferred_reads) >= 2 * 4 * num_batches  # a PNG and its moments per sample
+        assert len(deferred_reads) >= 3 * 4 * num_batches  # a PNG, its moments and its key per sample
 
 
-def test_sample_of_another_size_is_skipped(tmp_path):
-    with tarfile.open(tmp_path / "mixed.tar", "w") as archive:
-        for index, size in enumerate([16, 8, 16, 16]):  # the second sample is smaller
+def _write_sized_samples(path: Path, sizes: list[int]) -> None:
+    with tarfile.open(path, "w") as archive:
+        for index, size in enumerate(sizes):
             png = io.BytesIO()
-            Image.new("RGB", (size, size), (index * 40, 0, 0)).save(png, format="PNG")
+            Image.new("RGB", (size, size), (index * 40 % 256, 0, 0)).save(png, format="PNG")
             for suffix, data in (("png", png.getvalue()), ("cls", b"0")):
                 info = tarfile.TarInfo(f"{index:04d}.{suffix}")
                 info.size = len(data)
                 archive.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_sample_of_another_size_is_skipped(tmp_path, num_workers):
+    _write_sized_samples(tmp_path / "mixed.tar", [16, 8, 16, 16])  # the second sample is smaller
     stream = make_train_stream(
-        str(tmp_path / "mixed.tar"), batch_size_per_rank=3, num_workers=0, shuffle_buffer=1, num_batches=2
-    )
-    with pytest.warns(UserWarning, match=r"image of shape \(8, 8, 3\), this batch holds \(16, 16, 3\)"):
+        str(tmp_path / "mixed.tar"), batch_size_per_rank=3, num_workers=num_workers, shuffle_buffer=1,
+        num_batches=2,
+    )  # fmt: skip
+    warns = pytest.warns(UserWarning, match=r"image of shape \(8, 8, 3\), expected \(16, 16, 3\)")
+    with warns if num_workers == 0 else contextlib.nullcontext():  # workers warn in their process
         keys = [key for batch in stream for key in batch.keys]
     assert len(keys) == 6 and "0001" not in keys
     assert stream.num_skipped >= 1
+
+
+def test_the_manifest_sets_the_size_and_a_first_odd_sample_cannot(tmp_path, shard_dirs):
+    """An odd sample met first must not decide the size: the manifest's resolution does, and
+    without a manifest a stream where most samples are refused stops with an error."""
+    shutil.copytree(shard_dirs["plain"], tmp_path / "with_manifest")
+    odd_png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(odd_png, format="PNG")
+    odd_keys = set()
+    for url in expand_shard_urls(str(tmp_path / "with_manifest")):  # every shard starts with 8 px
+        with tarfile.open(url) as archive:
+            members = [(m, archive.extractfile(m).read()) for m in archive]
+        assert members[0][0].name.endswith(".png") and members[2][0].name.endswith(".key.txt")
+        odd_keys.add(members[2][1].decode())
+        with tarfile.open(url, "w") as archive:
+            for index, (member, data) in enumerate(members):
+                if index == 0:
+                    data, member.size = odd_png.getvalue(), len(odd_png.getvalue())
+                archive.addfile(member, io.BytesIO(data))
+    for num_workers in (0, 2):
+        stream = make_train_stream(
+            str(tmp_path / "with_manifest"), batch_size_per_rank=4, num_workers=num_workers, seed=1,
+            shuffle_buffer=1, num_batches=30,
+        )  # fmt: skip
+        with pytest.warns(UserWarning) if num_workers == 0 else contextlib.nullcontext():
+            batches = list(stream)
+        assert all(batch.images.shape[-1] == RESOLUTION for batch in batches)
+        assert not odd_keys & {key for batch in batches for key in batch.keys}
+
+    _write_sized_samples(tmp_path / "no_manifest.tar", [8] + [16] * 20)
+    stream = make_train_stream(
+        str(tmp_path / "no_manifest.tar"), batch_size_per_rank=3, num_workers=0, shuffle_buffer=1
+    )
+    with pytest.raises(StreamError, match="mix sizes"), pytest.warns(UserWarning):
+        list(stream)
 
 
 def _rewrite_shard(source: Path, target: Path, corrupt_member: str) -> None:
@@ -340,7 +383,8 @@ def test_tar_reader_handles_long_names_and_detects_damage(tar_format, tmp_path):
         os.fstat(fd)
     for name, payload in [
         ("damaged.tar", bytes(damaged)),
-        ("truncated.tar", data[: data.index(b"sample1.png") + 612]),
+        ("truncated.tar", data[: data.index(b"sample1.png") + 612]),  # in the last member's data
+        ("no_padding.tar", data[: data.index(b"sample1.png") + 512 + 702 + 10]),  # in its padding
     ]:
         (tmp_path / name).write_bytes(payload)
         with (
@@ -348,6 +392,19 @@ def test_tar_reader_handles_long_names_and_detects_damage(tar_format, tmp_path):
             pytest.raises(ShardFormatError, match="checksum|truncated"),
         ):
             list(iter_tar_members(stream, defer_over=100, shard=LocalShard(str(tmp_path / name))))
+
+    # A local path that is not a regular file (a FIFO) cannot be read by offset: streamed instead.
+    fifo = tmp_path / "shard.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(data))
+    writer.start()
+    samples = list(shard_format.iter_tar_samples(str(fifo), defer_over=100))
+    writer.join()
+    assert [sorted(k for k in sample if not k.startswith("__")) for sample in samples] == [
+        ["cls", "png"],
+        ["png"],
+    ]
+    assert [sample["png"] for sample in samples] == [members[0][1], members[2][1]]  # bytes, not deferred
 
 
 def test_fast_tar_checksum_equals_the_byte_sum():
@@ -387,22 +444,43 @@ def test_copied_out_batches_reuse_memory_only_once_nothing_refers_to_it():
     from repa.data.stream import _RecycledBuffers
 
     recycled = _RecycledBuffers()
-    assert recycled.idle_references is not None  # this torch exposes the count; reuse is on
+    if recycled.idle_references is None:
+        pytest.skip("this torch does not expose storage reference counts: buffers are never reused")
     shape = torch.Size([4, 8, 8, 3])
     batch = recycled.take("image", shape, torch.uint8)
     address = batch.data_ptr()
     del batch
     assert recycled.take("image", shape, torch.uint8).data_ptr() == address  # nothing held it: reused
-    for holder in ("view", "numpy", "tensor"):
+    kept = {
+        "view": lambda t: t.permute(0, 3, 1, 2)[:2],
+        "numpy": lambda t: t.numpy(),
+        "tensor": lambda t: t,
+        "storage": lambda t: t.untyped_storage(),
+    }
+    for holder, keep in kept.items():
         batch = recycled.take("image", shape, torch.uint8)
         assert batch.data_ptr() == address
-        kept = {
-            "view": lambda t: t.permute(0, 3, 1, 2)[:2],
-            "numpy": lambda t: t.numpy(),
-            "tensor": lambda t: t,
-        }
-        held = kept[holder](batch)
+        held = keep(batch)
         del batch
         assert recycled.take("image", shape, torch.uint8).data_ptr() != address, holder  # still in use
         del held
     assert len(recycled.buffers["image"]) <= recycled.KEEP
+    # Sent to another process (moved to shared memory in place): that process's references are
+    # not counted here, so the buffer leaves the pool for good.
+    batch = recycled.take("image", shape, torch.uint8)
+    assert batch.data_ptr() == address
+    batch.share_memory_()
+    shared_address = batch.data_ptr()
+    del batch
+    assert recycled.take("image", shape, torch.uint8).data_ptr() != shared_address
+    assert not any(buffer.is_shared() for buffer in recycled.buffers["image"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback on a machine without CUDA")
+def test_pin_memory_without_cuda_warns_and_streams_unpinned(shard_dirs):
+    with pytest.warns(UserWarning, match="without CUDA"):
+        stream = make_train_stream(
+            str(shard_dirs["plain"]), batch_size_per_rank=4, num_workers=1, pin_memory=True, num_batches=2
+        )
+    batches = list(stream)
+    assert len(batches) == 2 and not batches[0].images.is_pinned()

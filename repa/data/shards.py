@@ -22,6 +22,7 @@ import io
 import json
 import os
 import re
+import stat
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, BinaryIO
@@ -127,15 +128,22 @@ class ShardFormatError(ValueError):
 class LocalShard:
     """An open local shard file, closed when the last `DeferredMember` referring to it is gone."""
 
+    open_count = 0  # in this process: deferral stops above MAX_OPEN, so a shuffle buffer
+    MAX_OPEN = 64  # spread over many small shards cannot run the process out of descriptors
+
     def __init__(self, path: str):
         self.path = path
         self.fd = os.open(path, os.O_RDONLY)
-        self.size = os.fstat(self.fd).st_size
+        LocalShard.open_count += 1
+        status = os.fstat(self.fd)
+        self.size = status.st_size
+        self.regular = stat.S_ISREG(status.st_mode)  # a FIFO or device cannot be read by offset
 
     def __del__(self) -> None:
         fd, self.fd = getattr(self, "fd", -1), -1
         if fd >= 0:
             os.close(fd)
+            LocalShard.open_count -= 1
 
 
 class DeferredMember:
@@ -239,8 +247,12 @@ def iter_tar_members(
         if shard is not None and defer_over is not None and size > defer_over and kind in (b"0", b"\0"):
             data_start = position + 512
             position = data_start + size + padding
-            if data_start + size > shard.size:
-                raise ShardFormatError(f"truncated tar member ({shard.size - data_start} of {size} bytes)")
+            if position > shard.size:  # the data or its padding runs past the end of the file
+                if data_start + size > shard.size:
+                    raise ShardFormatError(
+                        f"truncated tar member ({shard.size - data_start} of {size} bytes)"
+                    )
+                raise ShardFormatError("truncated tar padding")
             stream.seek(position)
             yield _member_name(header, long_name), DeferredMember(shard, data_start, size)
             long_name = None
@@ -301,12 +313,16 @@ def iter_tar_samples(
     """
     current: dict[str, Any] | None = None
     try:
-        if defer_over is not None and not is_remote(url):
+        shard = None
+        if defer_over is not None and not is_remote(url) and LocalShard.open_count < LocalShard.MAX_OPEN:
             shard = LocalShard(_local_path(url))
+            if not shard.regular:
+                shard = None
+        if shard is not None:
             # A small buffer: reading a header fills it, and a deferred member is skipped by a seek.
             stream = open(shard.fd, "rb", buffering=1 << 14, closefd=False)  # noqa: SIM115 (with below)
         else:
-            shard, stream = None, open_url(url)
+            stream = open_url(url)
         with stream:
             for name, data in iter_tar_members(stream, defer_over, shard):
                 key, suffix = split_key(name)

@@ -42,6 +42,7 @@ import io
 import multiprocessing
 import os
 import random
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -128,7 +129,7 @@ def decode_sample(
     """Raw tar sample -> {image (H,W,3) uint8, label, moments, features, key, flipped}."""
     image = decode_png(_require(sample, fmt.IMAGE), flip=flip)  # mirrored as the cached flipped moments
     label = int(_require(sample, fmt.LABEL))
-    key = sample[fmt.SOURCE_KEY].decode() if fmt.SOURCE_KEY in sample else sample["__key__"]
+    key = fmt.member_bytes(sample[fmt.SOURCE_KEY]).decode() if fmt.SOURCE_KEY in sample else sample["__key__"]
     moments = features = None
     if with_latents:
         moments = fmt.load_npy(_require(sample, fmt.LATENTS_FLIP if flip else fmt.LATENTS))
@@ -143,8 +144,8 @@ class BatchBuilder:
     Each image is copied once, from the decoder into its row: no per-sample arrays to stack, and in
     a data-loader worker the tensors are a recycled shared-memory slot (see `_SlotRing`), so the
     batch is not copied again into fresh shared memory on its way to the training process.
-    The first sample fixes the shapes; a later sample of another shape is refused (ValueError)
-    and the stream skips it like any corrupt sample, instead of failing the whole batch.
+    The first sample fixes the shapes; a later sample of another shape is refused (ValueError).
+    The training stream checks shapes before (`_shape_problem`) and skips such samples.
     """
 
     def __init__(self, capacity: int, first: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None):
@@ -298,6 +299,18 @@ class _SlotRing:
         )
 
 
+def _shape_problem(decoded: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """None if the sample's arrays have the expected shapes (recording those not yet known)."""
+    for name in ("image", "moments", "features"):
+        array = decoded[name]
+        if array is None:
+            continue
+        expected = shapes.setdefault(name, tuple(array.shape))
+        if tuple(array.shape) != expected:
+            return f"sample {decoded['key']}: {name} of shape {tuple(array.shape)}, expected {expected}"
+    return None
+
+
 class ShardStream(IterableDataset):
     """The per-worker pipeline behind `make_train_stream` (yields whole batches)."""
 
@@ -326,6 +339,9 @@ class ShardStream(IterableDataset):
         self._last_error = ""
         self.slot_semaphores: list | None = None  # set by TrainStream while it starts workers
         self.defer_over = DEFER_OVER
+        # Shapes every sample must have ("image" (H, W, 3), "moments", "features"), from the
+        # manifest; a field missing here is fixed by the first sample a worker accepts.
+        self.expected_shapes: dict[str, tuple[int, ...]] = {}
 
     def _skip(self, exn: Exception) -> bool:
         """webdataset-style handler: warn, count, continue."""
@@ -400,18 +416,28 @@ class ShardStream(IterableDataset):
         if info is not None and self.slot_semaphores is not None:
             ring = _SlotRing(self.slot_semaphores[worker], worker)
         builder, slot = None, None
+        shapes = dict(self.expected_shapes)
+        shape_skips = shape_accepted = 0
         for decoded in self._decoded(self._shuffled(self._raw_samples(shards, rng), rng), rng):
+            problem = _shape_problem(decoded, shapes)
+            if problem is not None:  # a sample of another size than the rest: skip it
+                self._skip(ValueError(problem))
+                shape_skips += 1
+                if shape_skips > 100 and shape_skips > 10 * shape_accepted:
+                    raise StreamError(
+                        f"{shape_skips} samples skipped for their shape against {shape_accepted} accepted "
+                        f"(last: {problem}); the shards mix sizes, and without a manifest the first "
+                        "sample set the size: rebuild them at one resolution with `repa data build`"
+                    )
+                continue
+            shape_accepted += 1
             if builder is None:
                 builder, slot = (
                     ring.take(self.batch_size, decoded)
                     if ring
                     else (BatchBuilder(self.batch_size, decoded), None)
                 )
-            try:
-                builder.add(decoded)
-            except ValueError as exn:  # a sample of another size than the rest: skip it
-                self._skip(exn)
-                continue
+            builder.add(decoded)
             if len(builder) == self.batch_size:
                 if ring is None:
                     yield builder.batch(worker=global_worker, skipped=self.skipped)
@@ -420,10 +446,14 @@ class ShardStream(IterableDataset):
                 builder = None
 
 
-def _storage_references(tensor: torch.Tensor) -> int | None:
-    """How many tensors, views and storage objects refer to `tensor`'s memory (None: unknown)."""
+def _storage_references(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """(references to `tensor`'s storage from tensors, views and storage objects; Python references
+    to its storage object), or None where torch does not expose the first."""
     count = getattr(torch._C, "_storage_Use_Count", None)
-    return None if count is None else count(tensor.untyped_storage()._cdata)
+    if count is None:
+        return None
+    storage = tensor.untyped_storage()  # the same Python object while anyone holds it
+    return count(storage._cdata), sys.getrefcount(storage)
 
 
 class _RecycledBuffers:
@@ -432,8 +462,10 @@ class _RecycledBuffers:
     Why: a fresh 50 MB batch (64 x 512 px) cost 20 ms of page faults here before a 3 ms copy, in
     the training process, on cores the workers need. A buffer is reused only when nothing but
     this pool refers to its memory, judged by the storage's reference count (as torch's CUDA-graph
-    trees judge their outputs): a held batch, a view of it or a numpy array over it keeps its
-    buffer out of reuse. Without that count (a torch that lacks it) every batch is fresh.
+    trees judge their outputs): a held batch, a view of it, a numpy array over it or its storage
+    object keeps its buffer out of reuse. A buffer that was moved to shared memory (sent to
+    another process) leaves the pool, since that process's references are not counted here.
+    Without the count (a torch that lacks it) every batch is fresh.
     """
 
     KEEP = 3  # buffers kept per field: enough for a consumer that holds one or two batches
@@ -445,6 +477,7 @@ class _RecycledBuffers:
     def take(self, name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         pool = self.buffers.setdefault(name, [])
         if self.idle_references is not None:
+            pool[:] = [buffer for buffer in pool if not buffer.is_shared()]
             for buffer in pool:
                 idle = _storage_references(buffer) == self.idle_references
                 if idle and buffer.shape == shape and buffer.dtype == dtype:
@@ -570,19 +603,21 @@ class TrainStream:
         )
 
 
-def _check_fields(
+def _check_manifest(
     shards: str | Sequence[str], *, flip: bool, with_latents: bool, with_features: bool
-) -> None:
-    """Fail at start-up when the manifest says the shards lack a requested cache."""
+) -> dict[str, tuple[int, ...]]:
+    """Fail at start-up when the manifest says the shards lack a requested cache; return the
+    shapes it records for images, moments and features ({} without a readable manifest)."""
     if not isinstance(shards, str):
-        return
+        return {}
     manifest_path = fmt.locate_manifest(shards)
     if manifest_path is None:
-        return
+        return {}
     try:
-        fields = fmt.read_manifest(manifest_path)["fields"]
+        manifest = fmt.read_manifest(manifest_path)
+        fields = manifest["fields"]
     except (OSError, ValueError, KeyError):
-        return  # no readable manifest: per-sample checks still apply
+        return {}  # no readable manifest: per-sample checks still apply
     if with_latents and "latents" not in fields:
         raise StreamError(f"{shards}: no cached latents; rebuild with `repa data build --cache-latents NAME`")
     if with_features and "features" not in fields:
@@ -594,6 +629,13 @@ def _check_fields(
             f"{shards}: flip=True needs features of the flipped images; rebuild with "
             "`--cache-flipped-features` or train without flips"
         )
+    shapes = {}
+    if isinstance(manifest.get("resolution"), int):
+        shapes["image"] = (manifest["resolution"], manifest["resolution"], 3)
+    for name, key in (("moments", "latent_shape"), ("features", "feature_shape")):
+        if manifest.get(key):
+            shapes[name] = tuple(manifest[key])
+    return shapes
 
 
 def make_train_stream(
@@ -631,7 +673,7 @@ def make_train_stream(
             f"need at least {readers} shards so that every worker has its own; rebuild with a smaller "
             f"--shard-size or use fewer workers"
         )
-    _check_fields(shards, flip=flip, with_latents=with_latents, with_features=with_features)
+    shapes = _check_manifest(shards, flip=flip, with_latents=with_latents, with_features=with_features)
     dataset = ShardStream(
         urls,
         batch_size=batch_size_per_rank,
@@ -644,8 +686,12 @@ def make_train_stream(
         with_latents=with_latents,
         with_features=with_features,
     )
+    dataset.expected_shapes = shapes
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
+    elif pin_memory and not torch.cuda.is_available():
+        warnings.warn("pin_memory=True without CUDA: batches are not pinned", stacklevel=2)
+        pin_memory = False
     return TrainStream(
         dataset,
         batch_size_per_rank=batch_size_per_rank,
