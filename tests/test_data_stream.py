@@ -396,10 +396,12 @@ def test_tar_reader_handles_long_names_and_detects_damage(tar_format, tmp_path):
     # A local path that is not a regular file (a FIFO) cannot be read by offset: streamed instead.
     fifo = tmp_path / "shard.fifo"
     os.mkfifo(fifo)
-    writer = threading.Thread(target=lambda: fifo.write_bytes(data))
+    writer = threading.Thread(target=lambda: fifo.write_bytes(data), daemon=True)
     writer.start()
+    # Opened once, by the streaming reader (a second open would wait forever for a writer).
     samples = list(shard_format.iter_tar_samples(str(fifo), defer_over=100))
-    writer.join()
+    writer.join(timeout=10)
+    assert not writer.is_alive()
     assert [sorted(k for k in sample if not k.startswith("__")) for sample in samples] == [
         ["cls", "png"],
         ["png"],

@@ -135,9 +135,7 @@ class LocalShard:
         self.path = path
         self.fd = os.open(path, os.O_RDONLY)
         LocalShard.open_count += 1
-        status = os.fstat(self.fd)
-        self.size = status.st_size
-        self.regular = stat.S_ISREG(status.st_mode)  # a FIFO or device cannot be read by offset
+        self.size = os.fstat(self.fd).st_size
 
     def __del__(self) -> None:
         fd, self.fd = getattr(self, "fd", -1), -1
@@ -314,10 +312,13 @@ def iter_tar_samples(
     current: dict[str, Any] | None = None
     try:
         shard = None
-        if defer_over is not None and not is_remote(url) and LocalShard.open_count < LocalShard.MAX_OPEN:
+        if (
+            defer_over is not None
+            and not is_remote(url)
+            and LocalShard.open_count < LocalShard.MAX_OPEN
+            and stat.S_ISREG(os.stat(_local_path(url)).st_mode)  # a FIFO or device: no offsets
+        ):
             shard = LocalShard(_local_path(url))
-            if not shard.regular:
-                shard = None
         if shard is not None:
             # A small buffer: reading a header fills it, and a deferred member is skipped by a seek.
             stream = open(shard.fd, "rb", buffering=1 << 14, closefd=False)  # noqa: SIM115 (with below)
