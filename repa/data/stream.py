@@ -426,8 +426,8 @@ class ShardStream(IterableDataset):
                 if shape_skips > 100 and shape_skips > 10 * shape_accepted:
                     raise StreamError(
                         f"{shape_skips} samples skipped for their shape against {shape_accepted} accepted "
-                        f"(last: {problem}); the shards mix sizes, and without a manifest the first "
-                        "sample set the size: rebuild them at one resolution with `repa data build`"
+                        f"(last: {problem}); the expected size comes from the manifest, or without one "
+                        "from the first sample: rebuild the shards at one resolution with `repa data build`"
                     )
                 continue
             shape_accepted += 1
