@@ -489,3 +489,18 @@ def test_pin_memory_without_cuda_warns_and_streams_unpinned(shard_dirs):
         )
     batches = list(stream)
     assert len(batches) == 2 and not batches[0].images.is_pinned()
+
+
+def test_a_batch_refuses_a_sample_of_another_shape():
+    from repa.data.stream import collate
+
+    def sample(key, size, moments=True):
+        image = np.zeros((size, size, 3), np.uint8)
+        return dict(image=image, label=0, moments=np.zeros((6, 4, 4)) if moments else None, features=None,
+                    key=key, flipped=False)  # fmt: skip
+
+    assert collate([sample("a", 16), sample("b", 16)]).images.shape == (2, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"sample b: image of shape \(8, 8, 3\), expected \(16, 16, 3\)"):
+        collate([sample("a", 16), sample("b", 8)])
+    with pytest.raises(ValueError, match="sample b: no moments"):
+        collate([sample("a", 16), sample("b", 16, moments=False)])

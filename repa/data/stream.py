@@ -171,13 +171,10 @@ class BatchBuilder:
 
     def add(self, decoded: dict[str, Any]) -> None:
         row = len(self.keys)
-        for name, rows in self.arrays.items():
-            array = decoded[name]
-            if array is None or array.shape != rows.shape[1:]:
-                got = "nothing" if array is None else tuple(array.shape)
-                raise ValueError(
-                    f"sample {decoded['key']}: {name} of shape {got}, this batch holds {rows.shape[1:]}"
-                )
+        missing = [name for name in self.arrays if decoded[name] is None]
+        problem = _shape_problem(decoded, {name: rows.shape[1:] for name, rows in self.arrays.items()})
+        if missing or problem:
+            raise ValueError(problem or f"sample {decoded['key']}: no {missing[0]}, which this batch holds")
         for name, rows in self.arrays.items():
             rows[row] = decoded[name]  # numpy casts float16/float32 as needed
         self.labels.append(decoded["label"])
@@ -246,8 +243,9 @@ class _SlotRing:
     """A worker's RING_SLOTS shared-memory batch buffers, reused round-robin.
 
     Why: handing a fresh batch to the DataLoader makes torch move it into new shared memory, and
-    on a 2-core machine that allocation and copy (page faults in /dev/shm) cost 166 us per 256 px
-    sample, 17% of its PNG decode. Here each slot is allocated and faulted in once; the training
+    on a 2-core machine that allocation and copy (page faults in /dev/shm) cost 7.9 ms per 64 x
+    256 px batch against 0.4 ms to copy into a slot already touched (benchmarks/bench_stream_parts.py),
+    over 10% of the batch's PNG decoding. Here each slot is allocated and faulted in once; the training
     process copies a batch out (into pinned memory on CUDA: the copy the DataLoader's pin-memory
     thread would make anyway) and releases the slot through this worker's semaphore. The batches
     of one worker arrive in order, so slot n % RING_SLOTS is free once the semaphore is acquired.
@@ -459,8 +457,9 @@ def _storage_references(tensor: torch.Tensor) -> tuple[int, int] | None:
 class _RecycledBuffers:
     """CPU memory for batches copied out of the worker slots, handed out again once unreferenced.
 
-    Why: a fresh 50 MB batch (64 x 512 px) cost 20 ms of page faults here before a 3 ms copy, in
-    the training process, on cores the workers need. A buffer is reused only when nothing but
+    Why: copying a 50 MB batch (64 x 512 px) into fresh memory took 22 ms, into memory already
+    touched 2.4 ms (benchmarks/bench_stream_parts.py), in the training process, on cores the
+    workers need. A buffer is reused only when nothing but
     this pool refers to its memory, judged by the storage's reference count (as torch's CUDA-graph
     trees judge their outputs): a held batch, a view of it, a numpy array over it or its storage
     object keeps its buffer out of reuse. A buffer that was moved to shared memory (sent to
@@ -584,8 +583,8 @@ class TrainStream:
                 copy = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)  # cached by torch
             else:
                 copy = recycled.take(name, source.shape, source.dtype)
-            # numpy's single-threaded memcpy: torch's copy_ splits into OpenMP threads, which wait
-            # milliseconds for cores busy with the workers (1.4 ms for a 196 kB batch here).
+            # numpy's single-threaded memcpy: the training process does not fan this copy out
+            # over intra-op threads on cores the workers are using.
             np.copyto(copy.numpy(), source.numpy())
             copies[name] = copy
         semaphores[message.local_worker].release()
