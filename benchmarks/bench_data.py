@@ -107,21 +107,23 @@ def prepare(workdir: Path, num_images: int, resolution: int, workers: int) -> tu
     return shards, folder, pngs
 
 
-def _cpu_seconds() -> float:
-    """CPU time (user + system) of this process and all its live child processes."""
-    total = 0.0
-    for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+def _cpu_seconds() -> tuple[float, float]:
+    """CPU time (user + system): (this process and all its live child processes, this process)."""
+    own = psutil.Process().cpu_times()
+    total = own.user + own.system
+    for process in psutil.Process().children(recursive=True):
         try:
             times = process.cpu_times()
         except psutil.NoSuchProcess:
             continue
         total += times.user + times.system
-    return total
+    return total, own.user + own.system
 
 
-def _timed(batches, batch_size: int, num_batches: int) -> tuple[float, float, float]:
+def _timed(batches, batch_size: int, num_batches: int) -> tuple[float, float, tuple[float, float]]:
     """(steady samples/s from the first batch on, start-up seconds to the first batch, CPU
-    microseconds per sample over the same span: this process and its workers)."""
+    microseconds per sample over the same span: (this process and its workers, this process
+    alone: the training process's share, receiving batches from the workers))."""
     start = time.perf_counter()
     first = None
     count = 0
@@ -135,7 +137,8 @@ def _timed(batches, batch_size: int, num_batches: int) -> tuple[float, float, fl
     # Taken before the iterator is dropped: dropping it stops the workers and their CPU times go.
     cpu_end, end = _cpu_seconds(), time.perf_counter()
     samples = (count - 1) * batch_size
-    return samples / (end - first), first - start, 1e6 * (cpu_end - cpu_first) / samples
+    cpu_us = tuple(1e6 * (e - f) / samples for e, f in zip(cpu_end, cpu_first))
+    return samples / (end - first), first - start, cpu_us
 
 
 def run_stream(
@@ -164,7 +167,7 @@ def run_decode(pool, workers: int, passes: int) -> tuple[float, None, float]:
     cpu_start, start = _cpu_seconds(), time.perf_counter()
     decoded = sum(pool.starmap(_decode_every, [(i, workers, passes) for i in range(workers)]))
     end, cpu_end = time.perf_counter(), _cpu_seconds()
-    return decoded / (end - start), None, 1e6 * (cpu_end - cpu_start) / decoded
+    return decoded / (end - start), None, tuple(1e6 * (e - s) / decoded for e, s in zip(cpu_end, cpu_start))
 
 
 def run_one_process(
@@ -223,7 +226,13 @@ def bench_resolution(args, resolution: int, workdir: Path) -> dict:
     shards, folder, pngs = prepare(workdir, args.num_images, resolution, args.workers)
     num_batches = args.passes * args.num_images // args.batch_size  # the stream is endless
     readers = ("stream", "folder", "decode")
-    names = (*readers, *(f"{r}_cpu_us_per_sample" for r in readers), "stream_startup_s", "folder_startup_s")
+    names = (
+        *readers,
+        *(f"{r}_cpu_us_per_sample" for r in readers),
+        *(f"{r}_main_process_cpu_us_per_sample" for r in ("stream", "folder")),
+        "stream_startup_s",
+        "folder_startup_s",
+    )
     results: dict[str, list] = {name: [] for name in (*names, "one_process_stream", "one_process_decode")}
     _PNGS[:] = pngs
     with multiprocessing.get_context("fork").Pool(args.workers) as pool:
@@ -243,9 +252,11 @@ def bench_resolution(args, resolution: int, workdir: Path) -> dict:
             if run > 0:
                 results["one_process_stream"].append(one_stream)
                 results["one_process_decode"].append(one_decode)
-                for name, (rate, startup, cpu_us) in measured.items():
+                for name, (rate, startup, (cpu_us, main_cpu_us)) in measured.items():
                     results[name].append(rate)
                     results[f"{name}_cpu_us_per_sample"].append(cpu_us)
+                    if name != "decode":  # the pool's parent only waits
+                        results[f"{name}_main_process_cpu_us_per_sample"].append(main_cpu_us)
                     if startup is not None:
                         results[f"{name}_startup_s"].append(startup)
     median = {name: statistics.median(values) for name, values in results.items()}
@@ -261,6 +272,12 @@ def bench_resolution(args, resolution: int, workdir: Path) -> dict:
         # CPU efficiency, which is what its rate ratio tends to on otherwise idle cores.
         "cpu_us_per_sample_median": {
             r: median[f"{r}_cpu_us_per_sample"] for r in ("stream", "folder", "decode")
+        },
+        # The training process's share of those: taking each batch from the DataLoader's queue,
+        # copying it out of its slot (stream) or unpickling it (folder). It is a cost per batch
+        # that the decode pool does not have, spread here over --batch-size samples.
+        "main_process_cpu_us_per_sample_median": {
+            r: median[f"{r}_main_process_cpu_us_per_sample"] for r in ("stream", "folder")
         },
         "stream_cpu_efficiency": median["decode_cpu_us_per_sample"] / median["stream_cpu_us_per_sample"],
         "runs": results,
@@ -288,8 +305,11 @@ def bench_resolution(args, resolution: int, workdir: Path) -> dict:
             f"the training process copying each batch out. In one process without workers the stream "
             f"runs at {100 * one_process:.0f}% of decode; with workers the training process also "
             f"competes with them for the {os.cpu_count()} cores. In CPU time the stream spends "
-            f"{entry['cpu_us_per_sample_median']['stream']:.0f} us per sample, decoding alone "
-            f"{entry['cpu_us_per_sample_median']['decode']:.0f} us."
+            f"{entry['cpu_us_per_sample_median']['stream']:.0f} us per sample "
+            f"({entry['main_process_cpu_us_per_sample_median']['stream']:.1f} of them in the training "
+            f"process), decoding alone {entry['cpu_us_per_sample_median']['decode']:.0f} us; 90% of "
+            f"decode leaves {entry['cpu_us_per_sample_median']['decode'] / 9:.1f} us per sample for all "
+            "the rest."
         )
     if not entry["target_faster_than_folder_met"]:
         entry["shortfall_vs_folder"] = (
