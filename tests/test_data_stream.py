@@ -85,6 +85,12 @@ def test_two_ranks_two_workers_read_disjoint_shards_and_equal_batch_counts(shard
         assert shards <= set(urls[worker::4])  # only its own shards, hence disjoint from the others
 
 
+def test_missing_shard_files_are_named_at_start_up(shard_dirs, tmp_path):
+    urls = expand_shard_urls(str(shard_dirs["plain"]))
+    with pytest.raises(FileNotFoundError, match=r"1 of 2 training shards do not exist, e.g. \S*typo\.tar"):
+        make_train_stream([urls[0], str(tmp_path / "typo.tar")], batch_size_per_rank=2, num_workers=4)
+
+
 def test_too_few_shards_fail_at_start_up(shard_dirs):
     with pytest.raises(ValueError, match="9 shard.*need at least 10 shards"):
         make_train_stream(str(shard_dirs["plain"]), batch_size_per_rank=2, world_size=2, num_workers=5)
@@ -260,7 +266,8 @@ def test_corrupt_sample_is_skipped_with_a_warning_and_counted(shard_dirs, tmp_pa
     shards = [str(tmp_path / "bad.tar"), str(tmp_path / "good.tar")]
 
     stream = make_train_stream(shards, batch_size_per_rank=3, num_workers=0, shuffle_buffer=4, num_batches=20)
-    with pytest.warns(UserWarning, match="skipping corrupt data"):
+    # The warning names the sample and its shard.
+    with pytest.warns(UserWarning, match=r"skipping corrupt data .*: sample \S+ of \S*bad\.tar"):
         keys = [key for batch in stream for key in batch.keys]
     assert len(keys) == 60 and bad_key not in keys
     assert stream.num_skipped >= 3  # 60 samples from 15 good ones: the bad one was met on every pass

@@ -109,6 +109,29 @@ def test_resume_continues_bitwise(shards, tmp_path):
     assert_states_equal(final_state(straight.run_dir), final_state(resumed.run_dir))
 
 
+def test_skipped_samples_are_logged_and_keep_counting_after_a_resume(shards, tmp_path):
+    import shutil
+    import tarfile
+
+    from tests.test_data_stream import _rewrite_shard
+
+    damaged = tmp_path / "shards"
+    shutil.copytree(shards, damaged)
+    first = sorted(damaged.glob("*.tar"))[0]
+    with tarfile.open(first) as archive:
+        png = next(member.name for member in archive if member.name.endswith(".png"))
+    _rewrite_shard(first, tmp_path / "damaged.tar", png)  # flipped bytes in one image's data
+    shutil.move(tmp_path / "damaged.tar", first)
+
+    with pytest.warns(UserWarning, match="skipping corrupt data"):
+        train(tiny_config(str(damaged), tmp_path / "out", max_train_steps=8))
+        resumed = train(tiny_config(str(damaged), tmp_path / "out"))
+    skipped = {record["step"]: record["data_skipped"] for record in read_metrics(resumed.run_dir)}
+    assert skipped[8] >= 1  # 8 steps of 8 read every sample twice: the damaged one was met
+    # The resumed run starts from the checkpoint's count instead of from zero.
+    assert all(skipped[step] >= skipped[8] for step in range(9, 13))
+
+
 @pytest.mark.slow
 def test_killed_process_resumes_to_identical_weights(shards, tmp_path):
     """`repa train` SIGKILLed after a checkpoint, rerun, ends bitwise equal to an uninterrupted

@@ -121,6 +121,19 @@ def expand_shard_urls(shards: str | Sequence[str]) -> list[str]:
     return urls
 
 
+def check_local_shards(urls: Sequence[str], hint: str = "") -> None:
+    """Missing local shard files are a start-up error, not a stream of skip warnings later.
+
+    (A FIFO or device counts as present: it is streamed. Remote URLs are not checked here.)
+    """
+    local = [_local_path(url) for url in urls if not is_remote(url)]
+    missing = [path for path in local if not os.path.exists(path)]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(urls)} training shards do not exist, e.g. {missing[0]}{hint}"
+        )
+
+
 class ShardFormatError(ValueError):
     """A shard is truncated or its tar headers are damaged."""
 

@@ -341,13 +341,15 @@ class ShardStream(IterableDataset):
         # manifest; a field missing here is fixed by the first sample a worker accepts.
         self.expected_shapes: dict[str, tuple[int, ...]] = {}
 
-    def _skip(self, exn: Exception) -> bool:
-        """webdataset-style handler: warn, count, continue."""
+    def _skip(self, exn: Exception, where: str = "") -> bool:
+        """webdataset-style handler: warn, count, continue. `where`: the sample, when known (tar
+        errors name their shard themselves)."""
         self.skipped += 1
-        self._last_error = repr(exn)
+        self._last_error = f"{where}: {exn!r}" if where else repr(exn)
         if self.skipped <= 10 or self.skipped % 100 == 0:  # do not flood the log on a bad shard
             warnings.warn(
-                f"data stream: skipping corrupt data ({self.skipped} so far): {exn!r}", stacklevel=2
+                f"data stream: skipping corrupt data ({self.skipped} so far): {self._last_error}",
+                stacklevel=2,
             )
         return True
 
@@ -388,7 +390,7 @@ class ShardStream(IterableDataset):
                     sample, flip=flip, with_latents=self.with_latents, with_features=self.with_features
                 )
             except Exception as exn:  # noqa: BLE001 (a corrupt sample must not kill the loader)
-                self._skip(exn)
+                self._skip(exn, where=f"sample {sample.get('__key__')} of {sample.get('__url__')}")
                 self._consecutive_failures += 1
                 # A whole pass (plus the buffer) without one good sample: nothing decodable is left.
                 limit = self._raw_in_last_pass + self.shuffle_buffer
@@ -665,6 +667,7 @@ def make_train_stream(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside [0, {world_size})")
     urls = fmt.expand_shard_urls(shards)
+    fmt.check_local_shards(urls)  # a typo in the path is not "too few shards"
     readers = world_size * max(1, num_workers)
     if len(urls) < readers:
         raise ValueError(

@@ -37,7 +37,6 @@ from repa.train.setup import (
     build_method,
     build_parts,
     cached_fields,
-    check_local_shards,
     init_latent_batchnorm,
     read_shard_manifest,
 )
@@ -150,7 +149,7 @@ def train(config: ExperimentConfig) -> TrainResult:
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DistributedDataParallelKwargs
 
-    from repa.data.shards import expand_shard_urls
+    from repa.data.shards import check_local_shards, expand_shard_urls
     from repa.data.stream import make_train_stream
 
     config.validate()
@@ -164,7 +163,7 @@ def train(config: ExperimentConfig) -> TrainResult:
         raise ValueError("--mixed-precision fp16 needs a CUDA GPU; on CPU use bf16 or no")
     if not config.data.data:
         raise ValueError("--data is required: training shards (see `repa data build`)")
-    check_local_shards(expand_shard_urls(config.data.data))
+    check_local_shards(expand_shard_urls(config.data.data), hint=" (check --data)")
     manifest = read_shard_manifest(config)
 
     # accelerate keeps precision and gradient settings in process-wide singletons; train() may run
@@ -219,6 +218,7 @@ def train(config: ExperimentConfig) -> TrainResult:
 
     # --- resume -----------------------------------------------------------------------------
     step, nonfinite_total, scaler_state = 0, 0, None
+    data_state: dict = {}  # this rank's stream counters at the checkpoint
     resume_from = ckpt.resolve_resume(config.run.resume, checkpoints_dir)
     if resume_from is not None:
         from safetensors.torch import load_file
@@ -233,7 +233,9 @@ def train(config: ExperimentConfig) -> TrainResult:
         scaler_state = state.get("scaler")
         rng_file = resume_from / f"rng-rank{rank}.pt"
         if rng_file.exists():  # absent when the world size grew; the per-step reseed covers it
-            ckpt.restore_rng_state(ckpt.load_file(rng_file))
+            rng_state = ckpt.load_file(rng_file)
+            ckpt.restore_rng_state(rng_state)
+            data_state = rng_state.get("data", {})
 
     compiled = torch.compile(model) if config.run.compile else model
     prepared_model, optimizer = accelerator.prepare(compiled, optimizer)
@@ -255,6 +257,11 @@ def train(config: ExperimentConfig) -> TrainResult:
         with_latents=with_latents,
         with_features=with_features,
     )
+    # Samples this rank skipped before the checkpoint keep counting in `data_skipped`.
+    stream.load_state_dict(
+        {"batches_seen": stream.batches_seen, "num_skipped": data_state.get("num_skipped", 0)}
+    )
+    data_skipped = stream.num_skipped  # all ranks together, from the per-step collective below
 
     logger = MetricsLogger(
         run_dir,
@@ -343,10 +350,13 @@ def train(config: ExperimentConfig) -> TrainResult:
             nonfinite = ~torch.isfinite(loss_sum)
             if accelerator.scaler is None:
                 nonfinite |= ~torch.isfinite(grad_norm.to(device))
-            flags = torch.stack([nonfinite.float(), torch.tensor(float(stop.requested), device=device)])
+            # The same collective sums the ranks' skipped-sample counts for the log.
+            host_flags = torch.tensor([float(stop.requested), float(stream.num_skipped)], device=device)
+            flags = torch.cat([nonfinite.float().reshape(1), host_flags])
             if world > 1:
                 flags = accelerator.reduce(flags, reduction="sum")
-            skip, stop_now = (bool(flag > 0) for flag in flags.tolist())
+            nonfinite_ranks, stop_ranks, data_skipped = flags.tolist()
+            skip, stop_now, data_skipped = nonfinite_ranks > 0, stop_ranks > 0, int(data_skipped)
             if skip:
                 nonfinite_streak += 1
                 nonfinite_total += 1
@@ -377,7 +387,7 @@ def train(config: ExperimentConfig) -> TrainResult:
                     "samples_per_sec": window_samples / max(elapsed, 1e-9),
                     "samples_seen": step * config.data.batch_size,
                     "nonfinite_steps": nonfinite_total,
-                    "data_skipped": stream.num_skipped,
+                    "data_skipped": data_skipped,  # corrupt or odd samples skipped so far, all ranks
                 }
                 logger.log(step, last_metrics)
                 if progress is not None:

@@ -7,7 +7,6 @@ Used by repa/train/loop.py; kept apart so the loop reads as the loop.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -60,20 +59,6 @@ def build_parts(config: ExperimentConfig, device: torch.device):
     for encoder in encoders:
         encoder.to(device)
     return tokenizer, encoders, model.to(device)
-
-
-def check_local_shards(urls: list[str]) -> None:
-    """Missing local shard files are a start-up error, not a stream of skip warnings later."""
-    from repa.data.shards import is_remote
-
-    local = [
-        url.removeprefix("file://") for url in urls if not url.startswith("pipe:") and not is_remote(url)
-    ]
-    missing = [path for path in local if not os.path.isfile(path)]
-    if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} of {len(urls)} training shards do not exist, e.g. {missing[0]} (check --data)"
-        )
 
 
 def read_shard_manifest(config: ExperimentConfig) -> dict:
