@@ -98,6 +98,48 @@ def test_adm_crop_bicubic_branch_sizes_and_symmetry():
     assert center_crop_adm(Image.new("RGB", (7, 5)), 2).shape == (2, 2, 3)
 
 
+def _bicubic_weights(in_size: int, out_size: int) -> np.ndarray:
+    """(out, in) weights of PIL's antialiased BICUBIC resize (Keys kernel, a = -0.5), computed here
+    by hand from its definition: the kernel is stretched by the downscale factor, centred on
+    (i + 0.5) * scale, cut to the pixels it covers, and normalised."""
+
+    def keys(x: float, a: float = -0.5) -> float:
+        x = abs(x)
+        if x < 1:
+            return ((a + 2) * x - (a + 3)) * x * x + 1
+        return (((x - 5) * x + 8) * x - 4) * a if x < 2 else 0.0
+
+    scale = in_size / out_size
+    stretch = max(scale, 1.0)
+    weights = np.zeros((out_size, in_size))
+    for i in range(out_size):
+        centre = (i + 0.5) * scale
+        first = max(int(centre - 2 * stretch + 0.5), 0)
+        last = min(int(centre + 2 * stretch + 0.5), in_size)
+        for j in range(first, last):
+            weights[i, j] = keys((j + 0.5 - centre) / stretch)
+        weights[i] /= weights[i].sum()
+    return weights
+
+
+def test_adm_crop_bicubic_numerics_by_hand():
+    # 10 wide x 6 high, a dark/bright step between columns 4 and 5, resolution 4: no halving
+    # (6 < 8), bicubic to round(10 * 4 / 6) = 7 wide x 4 high, centre columns (7 - 4) // 2 = 1..4.
+    step = np.where(np.arange(10) < 5, 40, 200)
+    image = Image.fromarray(np.tile(step[None, :, None], (6, 1, 3)).astype(np.uint8))
+    expected_row = np.clip(np.rint(_bicubic_weights(10, 7) @ step), 0, 255)[1:5]  # overshoots the step
+    cropped = center_crop_adm(image, 4).astype(int)
+    assert cropped.shape == (4, 4, 3)
+    # PIL works in fixed point: within one level of the exact weights.
+    assert np.abs(cropped - expected_row[None, :, None]).max() <= 1, (cropped[0, :, 0], expected_row)
+
+
+def test_adm_crop_vertical_offset_rounds_down():
+    # 4 wide x 7 high at resolution 4: no resize, rows (7 - 4) // 2 = 1..4 (not 2..5).
+    rows = np.tile(np.arange(7, dtype=np.uint8)[:, None, None], (1, 4, 3))
+    assert center_crop_adm(Image.fromarray(rows), 4)[:, 0, 0].tolist() == [1, 2, 3, 4]
+
+
 # ----------------------------------------------------------------------------- build
 
 
@@ -217,6 +259,7 @@ def test_build_caches_moments_of_image_and_mirror_and_features(image_folder, tmp
     build_shards(
         str(image_folder), tmp_path, resolution=RESOLUTION, shard_size=16, workers=0,
         tokenizer=tokenizer, encoder=encoder, cache_flipped_features=True, latent_dtype="float16",
+        encode_batch_size=3,  # 16 per shard: batches of 3, 3, 3, 3, 3 and 1
     )  # fmt: skip
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["latent_shape"] == [6, 4, 4] and manifest["feature_shape"] == [4, 3]
@@ -281,6 +324,24 @@ def test_interrupted_build_leaves_no_partial_shard_and_resumes(image_folder, tmp
     # Different options change the fingerprint: everything is rebuilt.
     other = build_shards(str(image_folder), out, resolution=RESOLUTION, shard_size=16, workers=0)
     assert len(other.shards_written) == 3
+
+
+def test_crash_while_writing_a_shard_leaves_no_file_under_its_name(image_folder, tmp_path, monkeypatch):
+    from repa.data import build
+
+    calls = []
+    original = build._add_member
+
+    def failing_add_member(archive, name, data):
+        calls.append(name)
+        if len(calls) == 20:  # inside the first shard's tar, after a few samples
+            raise OSError("simulated crash while writing")
+        original(archive, name, data)
+
+    monkeypatch.setattr(build, "_add_member", failing_add_member)
+    with pytest.raises(OSError, match="simulated crash"):
+        build_shards(str(image_folder), tmp_path, resolution=RESOLUTION, shard_size=16, workers=0)
+    assert not list(tmp_path.glob("*.tar")) and not list(tmp_path.glob("*.tmp-*"))
 
 
 # ----------------------------------------------------------------------------- verify / inspect / CLI

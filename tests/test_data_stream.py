@@ -91,6 +91,22 @@ def test_missing_shard_files_are_named_at_start_up(shard_dirs, tmp_path):
         make_train_stream([urls[0], str(tmp_path / "typo.tar")], batch_size_per_rank=2, num_workers=4)
 
 
+def test_the_shuffle_buffer_mixes_shards(shard_dirs, shard_of_key):
+    def shard_runs(shuffle_buffer: int) -> tuple[int, int]:
+        """(runs of consecutive samples from one shard, distinct shards) in the first 60 samples."""
+        stream = make_train_stream(
+            str(shard_dirs["plain"]), batch_size_per_rank=6, num_workers=0, shuffle_buffer=shuffle_buffer,
+            num_batches=10,
+        )  # fmt: skip
+        shards = [shard_of_key[key] for batch in stream for key in batch.keys]
+        return 1 + sum(a != b for a, b in zip(shards, shards[1:])), len(set(shards))
+
+    runs, distinct = shard_runs(1)
+    assert runs == distinct  # no buffer: each shard read straight through
+    runs, distinct = shard_runs(32)
+    assert runs > 3 * distinct  # a buffer of 32 over shards of 8 interleaves them
+
+
 def test_too_few_shards_fail_at_start_up(shard_dirs):
     with pytest.raises(ValueError, match="9 shard.*need at least 10 shards"):
         make_train_stream(str(shard_dirs["plain"]), batch_size_per_rank=2, world_size=2, num_workers=5)
