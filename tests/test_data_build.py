@@ -326,6 +326,18 @@ def test_interrupted_build_leaves_no_partial_shard_and_resumes(image_folder, tmp
     assert len(other.shards_written) == 3
 
 
+def test_bad_build_arguments_are_refused_before_anything_is_written(image_folder, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        build_shards(str(tmp_path / "no-such-folder"), tmp_path / "out", resolution=RESOLUTION)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="workers must be 0"):
+        build_shards(str(image_folder), tmp_path / "out", resolution=RESOLUTION, workers=-1)
+    with pytest.raises(ValueError, match="must be positive"):
+        build_shards(str(image_folder), tmp_path / "out", resolution=RESOLUTION, encode_batch_size=0)
+    assert not (tmp_path / "out").exists()
+    assert verify_shards(str(tmp_path / "typo")).problems == [f"{tmp_path / 'typo'}: no such file or folder"]
+
+
 def test_crash_while_writing_a_shard_leaves_no_file_under_its_name(image_folder, tmp_path, monkeypatch):
     from repa.data import build
 

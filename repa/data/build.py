@@ -364,17 +364,22 @@ def build_shards(
     (callable) adds `features.npy` (fp16), and `features_flip.npy` with `cache_flipped_features`.
     `workers` processes read, crop and PNG-encode images (0 or 1: in this process).
     """
-    if resolution <= 0 or shard_size <= 0:
-        raise ValueError(f"resolution and shard_size must be positive, got {resolution}, {shard_size}")
+    if resolution <= 0 or shard_size <= 0 or encode_batch_size <= 0:
+        raise ValueError(
+            "resolution, shard_size and encode_batch_size must be positive, got "
+            f"{resolution}, {shard_size}, {encode_batch_size}"
+        )
+    if workers < 0:
+        raise ValueError(f"workers must be 0 (this process) or more, got {workers}")
     if latent_dtype not in ("float16", "float32"):
         raise ValueError(f"latent_dtype must be float16 or float32, got {latent_dtype!r}")
     if tokenizer is not None and not callable(getattr(tokenizer, "encode_moments", None)):
         raise TypeError("tokenizer must have encode_moments(uint8 (B,3,H,W)) -> (B,2C,h,w)")
     if encoder is not None and not callable(encoder):
         raise TypeError("encoder must be callable: encoder(uint8 (B,3,H,W)) -> (B,T,D)")
+    items, class_names = list_source(source, labels_file, shuffle_seed)  # a bad source creates nothing
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    items, class_names = list_source(source, labels_file, shuffle_seed)
     num_shards = (len(items) + shard_size - 1) // shard_size
     rank, world_size, state = _process_index()
     options = {

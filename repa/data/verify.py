@@ -44,7 +44,11 @@ def verify_shards(shards: str) -> VerifyReport:
     report = VerifyReport()
     manifest_path = fmt.locate_manifest(shards)
     if manifest_path is None:
-        report.problems.append(f"{shards}: no {fmt.MANIFEST_NAME} found beside the shards")
+        local = not fmt.is_remote(shards) and "{" not in shards
+        if local and not Path(shards.removeprefix("file://")).exists():
+            report.problems.append(f"{shards}: no such file or folder")
+        else:
+            report.problems.append(f"{shards}: no {fmt.MANIFEST_NAME} found beside the shards")
         return report
     try:
         manifest = fmt.read_manifest(manifest_path)
