@@ -362,6 +362,21 @@ def test_pipe_urls_are_read(shard_dirs):
     assert len(batch) == 8
 
 
+def test_fsspec_urls_are_streamed(shard_dirs):
+    fsspec = pytest.importorskip("fsspec")
+    memory = fsspec.filesystem("memory")
+    urls = []
+    for index, url in enumerate(expand_shard_urls(str(shard_dirs["cached"]))[:2]):
+        urls.append(f"memory://stream-test/shard-{index}.tar")
+        memory.pipe(urls[-1], Path(url).read_bytes())
+    stream = make_train_stream(
+        urls, batch_size_per_rank=4, num_workers=0, shuffle_buffer=4, with_latents=True, num_batches=6
+    )
+    batches = list(stream)
+    assert len(batches) == 6 and stream.num_skipped == 0
+    assert batches[0].moments is not None and batches[0].images.dtype == torch.uint8
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
 def test_batches_are_pinned_on_cuda(shard_dirs):
     stream = make_train_stream(str(shard_dirs["plain"]), batch_size_per_rank=4, num_workers=1, num_batches=1)
