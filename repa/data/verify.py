@@ -44,7 +44,7 @@ def verify_shards(shards: str) -> VerifyReport:
     report = VerifyReport()
     manifest_path = fmt.locate_manifest(shards)
     if manifest_path is None:
-        local = not fmt.is_remote(shards) and "{" not in shards
+        local = not fmt.is_remote(shards) and "{" not in shards and "::" not in shards  # one path
         if local and not Path(shards.removeprefix("file://")).exists():
             report.problems.append(f"{shards}: no such file or folder")
         else:
