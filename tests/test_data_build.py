@@ -395,16 +395,22 @@ def test_cli_synthetic_build_verify_inspect(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_build_split_over_two_processes_matches_one_process(image_folder, tmp_path):
-    """torchrun with 2 processes: each builds its shards, rank 0 writes the manifest; same bytes."""
+    """torchrun with 2 processes: each builds (and encodes) its shards, rank 0 writes the manifest;
+    the same bytes as one process."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         "-m", "repa", "data", "build", str(image_folder), str(tmp_path / "two"),
-        "--resolution", str(RESOLUTION), "--shard-size", "8", "--workers", "0",
+        "--resolution", str(RESOLUTION), "--shard-size", "8", "--workers", "0", "--cache-latents", "pixels",
     ]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert completed.stdout.count("(3 shards written") + completed.stdout.count("(2 shards written") == 2
-    build_shards(str(image_folder), tmp_path / "one", resolution=RESOLUTION, shard_size=8, workers=0)
+    from repa.tokenizers import create_tokenizer
+
+    build_shards(
+        str(image_folder), tmp_path / "one", resolution=RESOLUTION, shard_size=8, workers=0,
+        tokenizer=create_tokenizer("pixels"),
+    )  # fmt: skip
     two = json.loads((tmp_path / "two" / "manifest.json").read_text())
     one = json.loads((tmp_path / "one" / "manifest.json").read_text())
     assert two["shards"] == one["shards"] and two["num_samples"] == NUM_IMAGES
