@@ -153,6 +153,7 @@ class BatchBuilder:
         # images (B, H, W, 3) uint8, moments (B, 2C, h, w) float32, features (B, T, D) float16
         self.tensors = tensors if tensors is not None else self.allocate(capacity, first)
         self.arrays = {name: tensor.numpy() for name, tensor in self.tensors.items()}  # same memory
+        self.row_shapes = {name: rows.shape[1:] for name, rows in self.arrays.items()}
         self.labels: list[int] = []
         self.keys: list[str] = []
         self.flipped: list[bool] = []
@@ -172,7 +173,7 @@ class BatchBuilder:
     def add(self, decoded: dict[str, Any]) -> None:
         row = len(self.keys)
         missing = [name for name in self.arrays if decoded[name] is None]
-        problem = _shape_problem(decoded, {name: rows.shape[1:] for name, rows in self.arrays.items()})
+        problem = _shape_problem(decoded, dict(self.row_shapes))  # a copy: nothing new is recorded
         if missing or problem:
             raise ValueError(problem or f"sample {decoded['key']}: no {missing[0]}, which this batch holds")
         for name, rows in self.arrays.items():
@@ -243,8 +244,8 @@ class _SlotRing:
     """A worker's RING_SLOTS shared-memory batch buffers, reused round-robin.
 
     Why: handing a fresh batch to the DataLoader makes torch move it into new shared memory, and
-    on a 2-core machine that allocation and copy (page faults in /dev/shm) cost 7.9 ms per 64 x
-    256 px batch against 0.4 ms to copy into a slot already touched (benchmarks/bench_stream_parts.py),
+    on a 2-core machine that allocation and copy (page faults in /dev/shm) cost 7.7 ms per 64 x
+    256 px batch against 0.5 ms to copy into a slot already touched (benchmarks/bench_stream_parts.py),
     over 10% of the batch's PNG decoding. Here each slot is allocated and faulted in once; the training
     process copies a batch out (into pinned memory on CUDA: the copy the DataLoader's pin-memory
     thread would make anyway) and releases the slot through this worker's semaphore. The batches
@@ -585,8 +586,8 @@ class TrainStream:
                 copy = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)  # cached by torch
             else:
                 copy = recycled.take(name, source.shape, source.dtype)
-            # numpy's single-threaded memcpy: the training process does not fan this copy out
-            # over intra-op threads on cores the workers are using.
+            # numpy's single-threaded memcpy: torch's copy_ spreads over intra-op threads on cores
+            # the workers are using (50 MB with both cores busy: 8.0 ms vs 2.4 ms, bench_stream_parts.py).
             np.copyto(copy.numpy(), source.numpy())
             copies[name] = copy
         semaphores[message.local_worker].release()

@@ -261,7 +261,6 @@ def train(config: ExperimentConfig) -> TrainResult:
     stream.load_state_dict(
         {"batches_seen": stream.batches_seen, "num_skipped": data_state.get("num_skipped", 0)}
     )
-    data_skipped = stream.num_skipped  # all ranks together, from the per-step collective below
 
     logger = MetricsLogger(
         run_dir,
