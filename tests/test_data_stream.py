@@ -519,6 +519,20 @@ def test_copied_out_batches_reuse_memory_only_once_nothing_refers_to_it():
     assert not any(buffer.is_shared() for buffer in recycled.buffers["image"])
 
 
+def test_without_storage_reference_counts_every_copied_out_batch_is_fresh(monkeypatch):
+    """The fallback for a torch that lacks the counter (the test above skips there)."""
+    from repa.data.stream import _RecycledBuffers
+
+    monkeypatch.delattr(torch._C, "_storage_Use_Count", raising=False)
+    recycled = _RecycledBuffers()
+    assert recycled.idle_references is None
+    shape = torch.Size([4, 8, 8, 3])
+    batch = recycled.take("image", shape, torch.uint8)
+    address = batch.data_ptr()
+    del batch  # unreferenced, but without the counter the pool cannot know: never handed out again
+    assert all(recycled.take("image", shape, torch.uint8).data_ptr() != address for _ in range(4))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback on a machine without CUDA")
 def test_pin_memory_without_cuda_warns_and_streams_unpinned(shard_dirs):
     with pytest.warns(UserWarning, match="without CUDA"):
