@@ -162,7 +162,7 @@ class DeferredMember:
 
     Why: the training stream's shuffle buffer holds a thousand samples per worker. Holding their
     PNG bytes (118 MB per worker at 256 px, four times that at 512 px) made every read land in
-    memory that had left the CPU caches: 48 against 34 us per 256 px sample with a buffer of one
+    memory that had left the CPU caches: 51 against 32 us per 256 px sample with a buffer of one
     (benchmarks/bench_stream_parts.py); and of the
     two cached latents (plain and flipped) only one is ever used. Reading at decode time puts the
     bytes in cache just before the decoder needs them.
@@ -213,7 +213,7 @@ def _header_sum_mod_65521(header: bytes) -> int:
     """The tar header checksum (byte sum with the checksum field read as 8 spaces) modulo 65521.
 
     zlib's Adler-32 keeps 1 + (byte sum) mod 65521 in its low 16 bits, computed in C: three calls
-    take 0.35 us against 2.2 us for Python's `sum` over the 512 bytes (five headers per sample;
+    take 0.36 us against 2.09 us for Python's `sum` over the 512 bytes (five headers per sample;
     benchmarks/bench_stream_parts.py). A header sum is at most 512 * 255 = 130560 < 2 * 65521, so a damaged
     header passes only if its byte sum changed by exactly 65521.
     """
