@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from repa.data.build import build_shards
-from repa.data.shards import LATENTS, expand_shard_urls, iter_tar_samples, load_npy
-from repa.data.stream import collate, decode_png, decode_sample, make_train_stream
+from repa.data.shards import LATENTS, expand_shard_urls, iter_tar_samples, load_npy, member_bytes
+from repa.data.stream import DEFER_OVER, BatchBuilder, decode_png, decode_sample, make_train_stream
 from repa.data.synthetic import write_synthetic_dataset
 
 
@@ -143,7 +143,7 @@ def _timed(batches, batch_size: int, num_batches: int) -> tuple[float, float, tu
 
 def run_stream(
     shards: Path, batch_size: int, workers: int, num_batches: int, seed: int, flip: bool
-) -> tuple[float, float]:
+) -> tuple[float, float, tuple[float, float]]:
     stream = make_train_stream(
         str(shards), batch_size_per_rank=batch_size, num_workers=workers, seed=seed,
         shuffle_buffer=1000, with_latents=True, flip=flip, num_batches=num_batches, pin_memory=False,
@@ -153,7 +153,7 @@ def run_stream(
 
 def run_folder(
     folder: Path, batch_size: int, workers: int, num_batches: int, seed: int
-) -> tuple[float, float]:
+) -> tuple[float, float, tuple[float, float]]:
     loader = DataLoader(
         FolderDataset(folder), batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
         generator=torch.Generator().manual_seed(seed), prefetch_factor=4, persistent_workers=True,
@@ -163,7 +163,7 @@ def run_folder(
     return _timed(epochs, batch_size, num_batches)
 
 
-def run_decode(pool, workers: int, passes: int) -> tuple[float, None, float]:
+def run_decode(pool, workers: int, passes: int) -> tuple[float, None, tuple[float, float]]:
     cpu_start, start = _cpu_seconds(), time.perf_counter()
     decoded = sum(pool.starmap(_decode_every, [(i, workers, passes) for i in range(workers)]))
     end, cpu_end = time.perf_counter(), _cpu_seconds()
@@ -186,38 +186,47 @@ def run_one_process(
 
 
 def profile_stream_stages(shards: Path, flip: bool, limit: int = 500) -> dict[str, float]:
-    """Microseconds per sample of each stream stage, in this process."""
+    """Microseconds per sample of each stream stage, in this process, done as the stream does them:
+    large members left in the shard and read when drawn, rows written into reused batch memory."""
     url = expand_shard_urls(str(shards))[0]
     start = time.perf_counter()
     raw = []
-    for sample in iter_tar_samples(url):
+    for sample in iter_tar_samples(url, defer_over=DEFER_OVER):
         raw.append(sample)
         if len(raw) == limit:
             break
     read = time.perf_counter() - start
     n = len(raw)
     start = time.perf_counter()
-    for sample in raw:
-        decode_png(sample["png"])
+    pngs = [member_bytes(sample["png"]) for sample in raw]
+    png_read = time.perf_counter() - start
+    start = time.perf_counter()
+    for data in pngs:
+        decode_png(data)
     png = time.perf_counter() - start
     start = time.perf_counter()
     for sample in raw:
-        load_npy(sample[LATENTS])
+        load_npy(member_bytes(sample[LATENTS]))
     npy = time.perf_counter() - start
     start = time.perf_counter()
     decoded = [decode_sample(s, flip=flip, with_latents=True, with_features=False) for s in raw]
     full = time.perf_counter() - start
+    rows = BatchBuilder.allocate(64, decoded[0])  # one batch's memory, reused as a worker's slot is
+    BatchBuilder(64, decoded[0], rows).add(decoded[0])  # touched once before timing
     start = time.perf_counter()
     for i in range(0, n, 64):
-        collate(decoded[i : i + 64])
-    stack = time.perf_counter() - start
+        builder = BatchBuilder(64, decoded[0], rows)
+        for sample in decoded[i : i + 64]:
+            builder.add(sample)
+    batch_rows = time.perf_counter() - start
     per = 1e6 / n
     return {
         "tar_read_and_group_us": read * per,
+        "png_read_us": png_read * per,
         "png_decode_us": png * per,
-        "npy_load_us": npy * per,
+        "npy_read_and_load_us": npy * per,
         "decode_sample_total_us": full * per,
-        "batch_rows_us": stack * per,
+        "batch_rows_us": batch_rows * per,
         "samples_profiled": n,
     }
 
@@ -300,7 +309,8 @@ def bench_resolution(args, resolution: int, workdir: Path) -> dict:
             f"stream reaches {100 * stream_vs_decode:.1f}% of the decode rate, "
             f"{100 * (0.9 - stream_vs_decode):.1f} points under the 90% target. Per sample in one process: "
             f"PNG decode {profile['png_decode_us']:.0f} us; the overhead is tar reading and grouping "
-            f"{profile['tar_read_and_group_us']:.0f} us, latent .npy {profile['npy_load_us']:.0f} us, "
+            f"{profile['tar_read_and_group_us']:.0f} us, reading the PNG {profile['png_read_us']:.0f} us, "
+            f"latent .npy {profile['npy_read_and_load_us']:.0f} us, "
             f"writing batch rows {profile['batch_rows_us']:.0f} us, Python's per-sample bookkeeping and "
             f"the training process copying each batch out. In one process without workers the stream "
             f"runs at {100 * one_process:.0f}% of decode; with workers the training process also "
