@@ -30,7 +30,7 @@ def option(default: Any, help: str, *, flag: str | None = None, aliases: tuple[s
 
 
 METHODS = ("sit", "repa", "repa-e", "ldm")
-PRECISIONS = ("no", "bf16", "fp16")
+PRECISIONS = ("auto", "no", "fp32", "bf16", "fp16")  # repa.precision.CHOICES, without importing torch
 
 
 @dataclass
@@ -150,7 +150,7 @@ class OptimOptions:
 
 @dataclass
 class VAEOptions:
-    """REPA-E's end-to-end VAE training (method repa-e). Weights from REPA-SPEC.md section 5."""
+    """REPA-E's end-to-end VAE training (method repa-e). Weights: docs/conventions.md, "REPA-E training"."""
 
     vae_learning_rate: float = option(1e-4, "VAE AdamW learning rate")
     disc_learning_rate: float = option(1e-4, "discriminator AdamW learning rate")
@@ -181,7 +181,12 @@ class RunOptions:
     )
     resume: str = option("auto", "auto (newest complete checkpoint) | none | PATH of a checkpoint directory")
     seed: int = option(0, "global seed; per-process streams derive from (seed, rank, step)")
-    mixed_precision: str = option("fp16", "no | bf16 | fp16 (fp16 uses a grad scaler)", choices=PRECISIONS)
+    mixed_precision: str = option(
+        "auto",
+        "auto | no (= fp32) | bf16 | fp16; auto: bf16 on GPUs and CPUs that multiply it natively, fp16 on "
+        "older GPUs (with a grad scaler), else fp32",
+        choices=PRECISIONS,
+    )
     allow_tf32: bool = option(False, "TF32 matmuls on Ampere+ GPUs")
     compile: bool = option(False, "torch.compile the diffusion model (slower on small CPU models)")
     max_nonfinite_steps: int = option(10, "stop after this many non-finite steps in a row")

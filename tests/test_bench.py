@@ -177,27 +177,58 @@ def _numbers(value, path="") -> list[tuple[str, float]]:
 def test_repa_bench_quick_writes_every_section(tmp_path):
     from repa.cli import main
 
+    from repa.precision import resolve_precision
+
     output = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--output", str(output)]) == 0
     report = json.loads(output.read_text())
     for section in ("train", "sampling", "data"):
         assert report[section]["status"] in ("ok", "not available"), report[section]
     train = report["train"]["result"]
-    assert set(train["variants"]) == {
-        "SiT-S/2 fp32 cached",
-        "SiT-S/2 bf16 cached",
-        "SiT-B/2 fp32 cached",
-        "SiT-B/2 bf16 cached",
-        "SiT-B/2 bf16 on-the-fly",
-        "SiT-B/2 bf16 cached sdpa-attention",
-    }
+    # bf16 steps only where --mixed-precision auto picks bf16 (a CPU that multiplies it natively)
+    low = resolve_precision("auto", "cpu").label
+    assert report["precision"]["label"] == low
+    expected = {"SiT-S/2 fp32 cached", "SiT-B/2 fp32 cached"}
+    if low == "bf16":
+        expected |= {
+            "SiT-S/2 bf16 cached",
+            "SiT-B/2 bf16 cached",
+            "SiT-B/2 bf16 on-the-fly",
+            "SiT-B/2 bf16 cached sdpa-attention",
+        }
+    else:
+        expected |= {"SiT-B/2 fp32 on-the-fly"}
+    assert set(train["variants"]) == expected
     for entry in train["variants"].values():
         assert entry["median_s"] > 0 and entry["samples_per_s"] > 0
         assert entry["utilisation_of_measured_peak"] > 0 and entry["peak_rss_mb"] > 0
-    assert train["matmul_peak_gflops"]["bf16"]["best"] > 0
+    assert train["matmul_peak_gflops"][low]["best"] > 0
     assert (tmp_path / train["profile"]["table_file"]).is_file()
     numbers = _numbers(report)
     assert len(numbers) > 50
     bad = [(path, v) for path, v in numbers if not math.isfinite(v)]
     assert not bad, bad
     assert Path(output).stat().st_size > 0
+
+
+def test_bench_drops_the_precisions_it_is_not_asked_for():
+    from repa.analysis.train_throughput import TrainBenchConfig, variant_specs
+
+    full = TrainBenchConfig()
+    assert any(spec.precision == "bf16" for spec in variant_specs(full).values())
+    fp32_only = full.only(("fp32",))
+    specs = variant_specs(fp32_only)
+    assert {spec.precision for spec in specs.values()} == {"fp32"}
+    # the cached-vs-on-the-fly comparison and the profile survive, in fp32
+    assert "SiT-B/2 fp32 on-the-fly" in specs and fp32_only.profile == "SiT-B/2 fp32 cached"
+    assert fp32_only.sdpa_attention == ()  # a comparison of the CPU's low-precision attention path
+    assert variant_specs(full.only(("fp32", "bf16"))) == variant_specs(full)
+
+
+def test_bench_probe_prints_the_machine_and_the_automatic_choice(capsys):
+    from repa.cli import main
+
+    assert main(["bench", "--probe"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("capability:", "native bf16 flags:", "GFLOP/s", "--mixed-precision auto on this CPU:"):
+        assert needle in out

@@ -94,18 +94,30 @@ def run_script(
     return {"status": "ok", "command": command[1:], "wall_s": wall, "result": json.loads(output.read_text())}
 
 
-def run_benchmarks(output: Path, quick: bool = False, log: Callable[[str], None] = print) -> dict:
+def run_benchmarks(
+    output: Path, quick: bool = False, precision: str = "auto", log: Callable[[str], None] = print
+) -> dict:
     """Run the training, sampling and data benchmarks; write the JSON to `output` and the
-    profile table of the training step next to it (`<output stem>.profile.txt`)."""
+    profile table of the training step next to it (`<output stem>.profile.txt`).
+
+    precision (repa.precision): fp32 is always timed; bf16 as well when it is asked for or when
+    `auto` picks it, so a CPU that only emulates bf16 does not spend hours on bf16 steps."""
+    from repa.precision import probe_cpu, resolve_precision
+
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    choice = resolve_precision(precision, "cpu")
     report: dict = {
         "suite": "repa bench" + (" --quick" if quick else ""),
         "loadavg_start": list(os.getloadavg()),
+        "precision": choice.to_dict(),
+        "cpu": probe_cpu(measure=True).__dict__,
     }
+    log(choice.summary())
     log("training-step benchmark ...")
     train_config = quick_train_config() if quick else TrainBenchConfig()
+    train_config = train_config.only(("fp32", choice.label))
     train, profile_table = run_train_benchmark(train_config, log=log)
     if profile_table:
         profile_path = output.with_name(output.stem + ".profile.txt")

@@ -1,4 +1,6 @@
-"""`repa bench [--output FILE.json] [--quick]`: training, sampling and data throughput in one JSON.
+"""`repa bench [--output FILE.json] [--quick] [--probe]`: training, sampling and data throughput in one
+JSON; `--probe` prints only what the CPU offers (its capability, bf16 flags, fp32 and bf16 matmul
+rates) and the precision `auto` picks, in a few seconds.
 
 See benchmarks/README.md for what each figure means and repa/analysis/bench_suite.py for how
 the benchmarks are run.
@@ -14,11 +16,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="toy sizes, about a minute: checks the benchmarks run"
     )
+    parser.add_argument(
+        "--probe",
+        action="store_true",
+        help="only print the CPU's capability, bf16 flags and fp32/bf16 matmul rates, and what "
+        "--mixed-precision auto picks",
+    )
+    parser.add_argument(
+        "--mixed-precision",
+        default="auto",
+        choices=("auto", "no", "fp32", "bf16"),
+        help="fp32 is always timed; bf16 too when asked for or when auto picks it (default auto)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from repa.analysis.bench_suite import run_benchmarks
 
-    report = run_benchmarks(args.output, quick=args.quick)
+    if args.probe:
+        from repa.precision import machine_report
+
+        print(machine_report())
+        return 0
+    report = run_benchmarks(args.output, quick=args.quick, precision=args.mixed_precision)
     failed = [name for name in ("train", "sampling", "data") if report[name]["status"] == "failed"]
     return 1 if failed else 0

@@ -19,7 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="",
         help="use a registered encoder (e.g. dinov2-s, needs its weights) as the teacher",
     )
-    parser.add_argument("--mixed-precision", default="bf16", choices=("no", "bf16"))
+    parser.add_argument(
+        "--mixed-precision",
+        default="auto",
+        choices=("auto", "no", "fp32", "bf16"),
+        help="auto (default): bf16 only on a CPU that multiplies it natively (AMX, AVX512-BF16), else fp32",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

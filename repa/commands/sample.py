@@ -18,7 +18,15 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cfg-scale", type=float, default=1.8, help="classifier-free guidance scale")
     group.add_argument("--guidance-low", type=float, default=0.0, help="guidance interval start (t=0 data)")
     group.add_argument("--guidance-high", type=float, default=0.7, help="guidance interval end (t=1 noise)")
-    group.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="model precision")
+    group.add_argument(
+        "--mixed-precision",
+        "--precision",
+        dest="precision",
+        choices=("auto", "no", "fp32", "bf16", "fp16"),
+        default="auto",
+        help="model precision; auto: bf16 where the GPU or CPU multiplies it natively, fp16 on older "
+        "GPUs, else fp32 (REPA's published samples: fp32)",
+    )
     group.add_argument("--labels", choices=("balanced", "random"), default="balanced", help="class labels")
     group.add_argument("--seed", type=int, default=0, help="seed of the whole sample set")
     group.add_argument("--batch-size", type=int, default=64, help="GLOBAL batch, split across processes")

@@ -86,7 +86,7 @@ class DemoOptions:
     quick: bool = False
     with_repa_e: bool = False
     encoder: str = ""  # "" trains the demo teacher; or a registry name (dinov2-s, needs the weights)
-    mixed_precision: str = "bf16"
+    mixed_precision: str = "auto"  # repa.precision: bf16 only where the CPU multiplies it natively
     size: DemoSize = field(default_factory=DemoSize)
 
 

@@ -323,7 +323,8 @@ def build_curves(
     None: the single run whose config has no encoder (plain SiT) if there is exactly one,
     otherwise no speed-up is computed.
     """
-    settings = settings or SamplerSettings()
+    # the precision `auto` picks is part of each cached result's key
+    settings = (settings or SamplerSettings()).resolved(device or evaluator.device)
     run_dirs = [Path(r) for r in runs]
     if baseline is not None and Path(baseline).resolve() not in [r.resolve() for r in run_dirs]:
         run_dirs.append(Path(baseline))

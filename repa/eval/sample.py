@@ -21,6 +21,7 @@ restart with different settings is refused rather than mixed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -34,9 +35,10 @@ import torch
 
 from repa.eval.checkpoints import Generator
 from repa.eval.npz import iter_npz_rows, write_npz_streaming
+from repa.precision import CHOICES as PRECISION_CHOICES
+from repa.precision import resolve_precision
 
 LABEL_SCHEMES = ("balanced", "random")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 _BALANCED_STREAM, _RANDOM_STREAM = 1, 2
 
 
@@ -50,13 +52,21 @@ class SamplerSettings:
     cfg_scale: float = 1.8
     guidance_low: float = 0.0
     guidance_high: float = 0.7
-    precision: str = "fp32"  # "fp32" | "bf16" (autocast for the model; the state stays float32)
+    # autocast for the model, the sampler state stays float32: auto | fp32 | bf16 | fp16
+    # (repa.precision; REPA's published samples are fp32)
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.precision not in PRECISION_CHOICES:
+            raise ValueError(f"precision {self.precision!r}: choose one of {', '.join(PRECISION_CHOICES)}")
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+
+    def resolved(self, device: torch.device | str | None = None) -> SamplerSettings:
+        """These settings with `auto` replaced by the precision chosen for `device`, so that what
+        records and caches hold (chunk settings, curve results) says what was actually run."""
+        choice = resolve_precision(self.precision, device)
+        return dataclasses.replace(self, precision=choice.label)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,7 +115,7 @@ def generate_batch(
     from repa.transport import sample
 
     device = torch.device(device) if device is not None else next(generator.model.parameters()).device
-    autocast_dtype = PRECISIONS[settings.precision]
+    autocast_dtype = resolve_precision(settings.precision, device).autocast_dtype
     with torch.autocast(
         device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
     ):
@@ -319,6 +329,9 @@ def sample_to_npz(
     output = Path(output)
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    settings = settings.resolved(device)
+    if rank == 0:
+        print(f"sampling {resolve_precision(settings.precision, device).summary()}", flush=True)
     record = {
         "weights": generator.identity,
         "step": generator.step,

@@ -15,6 +15,7 @@ periodic ones resumes with a fresh deterministic stream that does not replay see
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 
 from repa.config import ExperimentConfig, save_config
+from repa.precision import PrecisionChoice, resolve_precision
 from repa.train import checkpoint as ckpt
 from repa.train.ema import EMA
 from repa.train.logging import MetricsLogger
@@ -103,11 +105,12 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _environment(world_size: int) -> dict:
+def _environment(world_size: int, precision: PrecisionChoice) -> dict:
     import accelerate
 
     return {
         "world_size": world_size,
+        "mixed_precision": precision.to_dict(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "accelerate": accelerate.__version__,
@@ -153,14 +156,17 @@ def train(config: ExperimentConfig) -> TrainResult:
     from repa.data.stream import make_train_stream
 
     config.validate()
-    if config.method == "repa-e" and config.run.mixed_precision == "fp16":
-        raise ValueError(
-            "--method repa-e trains three optimisers; use --mixed-precision bf16 or no, not fp16"
+    precision = resolve_precision(config.run.mixed_precision)
+    if config.method == "repa-e" and precision.name == "fp16":
+        if config.run.mixed_precision == "fp16":
+            raise ValueError(
+                "--method repa-e trains three optimisers; use --mixed-precision bf16 or no, not fp16"
+            )
+        precision = dataclasses.replace(
+            precision, name="no", reason=precision.reason + "; --method repa-e cannot use fp16, so fp32"
         )
     if config.method == "repa-e" and config.optim.gradient_accumulation_steps != 1:
         raise ValueError("--method repa-e does not support --gradient-accumulation-steps > 1")
-    if config.run.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ValueError("--mixed-precision fp16 needs a CUDA GPU; on CPU use bf16 or no")
     if not config.data.data:
         raise ValueError("--data is required: training shards (see `repa data build`)")
     check_local_shards(expand_shard_urls(config.data.data), hint=" (check --data)")
@@ -172,7 +178,7 @@ def train(config: ExperimentConfig) -> TrainResult:
     AcceleratorState._reset_state()
     GradientState._reset_state()
     accelerator = Accelerator(
-        mixed_precision=config.run.mixed_precision,
+        mixed_precision=precision.name,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
         # Without cpu=True, accelerate ignores torchrun's environment on a machine with no GPU and
         # every process would train alone on the same data.
@@ -202,7 +208,8 @@ def train(config: ExperimentConfig) -> TrainResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_staging(checkpoints_dir)
         save_config(config, run_dir / "config.yaml")
-        (run_dir / "environment.json").write_text(json.dumps(_environment(world), indent=1))
+        print(precision.summary(), flush=True)
+        (run_dir / "environment.json").write_text(json.dumps(_environment(world, precision), indent=1))
     accelerator.wait_for_everyone()
 
     torch.manual_seed(derive_seed(config.run.seed, 0, -1))  # identical initial weights on every rank
