@@ -107,9 +107,17 @@ def test_the_shuffle_buffer_mixes_shards(shard_dirs, shard_of_key):
     assert runs > 3 * distinct  # a buffer of 32 over shards of 8 interleaves them
 
 
-def test_too_few_shards_fail_at_start_up(shard_dirs):
+def test_fewer_shards_than_workers_use_fewer_workers(shard_dirs):
+    with pytest.warns(UserWarning, match="9 shard.*using 4 worker"):
+        stream = make_train_stream(
+            str(shard_dirs["plain"]), batch_size_per_rank=2, world_size=2, num_workers=5
+        )
+    assert stream.num_workers == 4
+
+
+def test_fewer_shards_than_ranks_fail_at_start_up(shard_dirs):
     with pytest.raises(ValueError, match="9 shard.*need at least 10 shards"):
-        make_train_stream(str(shard_dirs["plain"]), batch_size_per_rank=2, world_size=2, num_workers=5)
+        make_train_stream(str(shard_dirs["plain"]), batch_size_per_rank=2, world_size=10, num_workers=0)
 
 
 def test_requested_cache_missing_fails_at_start_up(shard_dirs):

@@ -669,13 +669,23 @@ def make_train_stream(
         raise ValueError(f"rank {rank} outside [0, {world_size})")
     urls = fmt.expand_shard_urls(shards)
     fmt.check_local_shards(urls)  # a typo in the path is not "too few shards"
-    readers = world_size * max(1, num_workers)
-    if len(urls) < readers:
+    if len(urls) < world_size:
         raise ValueError(
-            f"{len(urls)} shard(s) for {world_size} rank(s) x {max(1, num_workers)} data-loader worker(s): "
-            f"need at least {readers} shards so that every worker has its own; rebuild with a smaller "
-            f"--shard-size or use fewer workers"
+            f"{len(urls)} shard(s) for {world_size} rank(s): need at least {world_size} shards so that "
+            f"every rank has its own; rebuild with a smaller --shard-size"
         )
+    # every worker reads its own shards: with fewer shards than readers, fewer workers (a small
+    # data set must not stop a run; the choice depends only on the shard count, so a resume
+    # makes the same one)
+    workers_that_fit = len(urls) // world_size
+    if num_workers > workers_that_fit:
+        warnings.warn(
+            f"{len(urls)} shard(s) for {world_size} rank(s) x {num_workers} data-loader workers: using "
+            f"{workers_that_fit} worker(s) per rank so that every worker has its own shards (rebuild "
+            f"with a smaller --shard-size to use {num_workers})",
+            stacklevel=2,
+        )
+        num_workers = workers_that_fit
     shapes = _check_manifest(shards, flip=flip, with_latents=with_latents, with_features=with_features)
     dataset = ShardStream(
         urls,
