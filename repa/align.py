@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 
 def resample_tokens(tokens: torch.Tensor, num_tokens: int, mode: str = "bicubic") -> torch.Tensor:
@@ -24,15 +25,15 @@ def resample_tokens(tokens: torch.Tensor, num_tokens: int, mode: str = "bicubic"
     For aligning a model whose token grid differs from the encoder's (opt-in: a mismatch is
     normally a configuration error).
     """
-    batch, tokens_in, dim = tokens.shape
+    tokens_in = tokens.shape[1]
     side_in, side_out = math.isqrt(tokens_in), math.isqrt(num_tokens)
     if side_in**2 != tokens_in or side_out**2 != num_tokens:
         raise ValueError(f"token resampling needs square grids, got {tokens_in} -> {num_tokens} tokens")
     if tokens_in == num_tokens:
         return tokens
-    grid = tokens.transpose(1, 2).reshape(batch, dim, side_in, side_in)  # (B, D, s, s)
+    grid = rearrange(tokens, "b (h w) d -> b d h w", h=side_in)  # (B, D, s, s)
     grid = F.interpolate(grid.float(), size=(side_out, side_out), mode=mode, align_corners=False)
-    return grid.reshape(batch, dim, num_tokens).transpose(1, 2).to(tokens.dtype)  # (B, T', D)
+    return rearrange(grid, "b d h w -> b (h w) d").to(tokens.dtype)  # (B, T', D)
 
 
 def token_cosine(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

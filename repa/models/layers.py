@@ -12,6 +12,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 
@@ -135,9 +136,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, tokens, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head_dim)
+        qkv = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.num_heads)
+        q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
         q, k = self.q_norm(q), self.k_norm(k)
         if (
             q.device.type == "cpu"
@@ -147,8 +147,7 @@ class Attention(nn.Module):
             x = matmul_attention(q, k, v)  # (B, heads, T, head_dim)
         else:
             x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, head_dim)
-        x = x.transpose(1, 2).reshape(batch, tokens, dim)
-        return self.proj(x)
+        return self.proj(rearrange(x, "b h t d -> b t (h d)"))  # (B, T, D)
 
 
 class Mlp(nn.Module):

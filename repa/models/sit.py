@@ -2,7 +2,7 @@
 
 Read top to bottom: blocks, final layer, the model, weight adapters, the size registry.
 The module layout and parameter names match the published REPA / REPA-E checkpoints so that
-they load with `strict=True` (see REPA-SPEC.md section 2 for the list of keys).
+they load with `strict=True` (the keys: docs/conventions.md, "Checkpoint keys").
 
 Time convention: REPA's, t=0 is data and t=1 is noise; the network sees the raw t in [0, 1].
 """
@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from repa.models.layers import (
@@ -188,9 +189,7 @@ class SiT(nn.Module):
     def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, T, p*p*C) -> (B, C, H, W); per token the order is (p_row, p_col, channel)."""
         p, grid, channels = self.config.patch_size, self.config.grid_size, self.config.out_channels
-        x = tokens.reshape(tokens.shape[0], grid, grid, p, p, channels)
-        x = torch.einsum("bhwpqc->bchpwq", x)
-        return x.reshape(tokens.shape[0], channels, grid * p, grid * p)
+        return rearrange(tokens, "b (h w) (p q c) -> b c (h p) (w q)", h=grid, p=p, q=p, c=channels)
 
     def _check_input(self, x: torch.Tensor) -> None:
         c = self.config
@@ -317,7 +316,7 @@ def load_state_dict_strict(model: SiT, state_dict: Mapping[str, torch.Tensor]) -
 # ----------------------------------------------------------------------------------------------
 # Size registry
 
-# name -> (depth, hidden size, heads), REPA-SPEC.md section 2
+# name -> (depth, hidden size, heads), docs/conventions.md "SiT sizes"
 SIZES: dict[str, tuple[int, int, int]] = {
     "S": (12, 384, 6),
     "B": (12, 768, 12),
