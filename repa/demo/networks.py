@@ -9,7 +9,7 @@
   run that was aligned to it.
 
 A plain small ViT stays at chance on these images for minutes on this CPU; the conv stem fixes
-that (shared/reference/CPU-NOTES.md).
+that (docs/cpu.md).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ The file is a .safetensors state dict whose metadata holds everything needed to 
 the timm architecture name and kwargs, an optional convolutional stem, the normalisation, and
 the token geometry. Train the network that `build_local_vit` returns, then `save_local_encoder`.
 
-A plain tiny ViT barely learns on a CPU in minutes (shared/reference/CPU-NOTES.md); a small
+A plain tiny ViT barely learns on a CPU in minutes (docs/cpu.md); a small
 batch-norm conv stem before a few transformer blocks does. timm provides the pieces:
 `ConvStem` (stride-2 conv + BN + ReLU layers, plain last conv) feeding `HybridEmbed`, so
 `conv_stem={"channels": [32, 64], "stride": [2, 2], "kernel_size": 3, "padding": 1}` with

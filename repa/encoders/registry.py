@@ -234,7 +234,7 @@ def create_encoders(spec: str, **kwargs: Any) -> list[FrozenEncoder]:
     return [create_encoder(n, **kwargs) for n in canonical]
 
 
-# ---- the registered encoders (facts: shared/reference/REPA-SPEC.md section 3) --------------------
+# ---- the registered encoders (facts: docs/conventions.md, "Encoders") ---------------------
 
 _DINOV2_SIZES = {"s": ("small", 384), "b": ("base", 768), "l": ("large", 1024), "g": ("giant", 1536)}
 for _size, (_timm_size, _dim) in _DINOV2_SIZES.items():

@@ -10,7 +10,7 @@ Layout of a run directory's `checkpoints/`:
     latest                  text file naming the newest committed checkpoint (write-then-rename)
     .tmp-step-00020000/     a save in progress; never read, removed on the next start
 
-Protocol (see reference/RELIABILITY.md): every process writes into the temporary folder, all
+Protocol (docs/reliability.md, "Atomic checkpoints"): every process writes into the temporary folder, all
 meet at a barrier, the main process writes COMPLETE.json, fsyncs, renames the folder into place
 and moves the `latest` pointer; old checkpoints are deleted only after that, and at least two
 are kept. Loading skips anything without COMPLETE.json, so a kill at any moment leaves the

@@ -1,7 +1,7 @@
 """Metrics sinks: always a local metrics.jsonl; TensorBoard and wandb when asked.
 
 Only the main process logs. wandb is initialised with a timeout: a stuck `wandb.init` on rank 0
-would otherwise time out the other ranks' collectives (RELIABILITY.md); on failure the run goes
+would otherwise time out the other ranks' collectives (docs/reliability.md); on failure the run goes
 on with the local file and says so.
 """
 

@@ -123,7 +123,8 @@ class DenoisingMethod:
 
 
 class REPAEMethod(DenoisingMethod):
-    """REPA-E: the VAE trained end to end through the alignment loss (REPA-SPEC.md section 5).
+    """REPA-E: the VAE trained end to end through the alignment loss (docs/conventions.md,
+    "REPA-E training").
 
     Per step, in `prepare`: (1) a VAE step: reconstruction + LPIPS + KL + GAN losses plus
     `vae_align_coeff` x alignment of the SiT (frozen, eval, BatchNorm on running statistics)
