@@ -14,13 +14,3 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)
-
-
-@pytest.fixture(autouse=True)
-def _plain_cpu_convolutions():
-    # oneDNN builds a kernel for every new convolution shape: seconds per tiny network on a 2-core
-    # CPU, where torch's plain kernels take milliseconds. Restored after each test.
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    yield
-    torch.backends.mkldnn.enabled = enabled

@@ -176,7 +176,6 @@ def _numbers(value, path="") -> list[tuple[str, float]]:
 @pytest.mark.slow
 def test_repa_bench_quick_writes_every_section(tmp_path):
     from repa.cli import main
-
     from repa.precision import resolve_precision
 
     output = tmp_path / "bench.json"

@@ -1,6 +1,7 @@
 """The distribution declares what `repa/` imports, and imports what it declares."""
 
 import ast
+import functools
 import re
 import sys
 from importlib import metadata
@@ -12,6 +13,7 @@ REPA = Path(__file__).resolve().parents[1] / "repa"
 REACHED_THROUGH = {"tensorboard": "torch.utils.tensorboard (TensorBoard logging)"}
 
 
+@functools.cache
 def imported_top_level_modules() -> dict[str, str]:
     """Every third-party top-level module imported anywhere in repa/ (lazy imports included),
     with one file that imports it."""
@@ -37,8 +39,13 @@ def declared_distributions() -> set[str]:
     return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in core}
 
 
+@functools.cache
+def installed_distributions() -> dict[str, list[str]]:
+    return metadata.packages_distributions()  # seconds: it reads every installed package's files
+
+
 def distribution_of(module: str) -> set[str]:
-    return {d.lower().replace("_", "-") for d in metadata.packages_distributions().get(module, [])}
+    return {d.lower().replace("_", "-") for d in installed_distributions().get(module, [])}
 
 
 def test_every_import_of_repa_is_declared():

@@ -251,6 +251,19 @@ def train(config: ExperimentConfig) -> TrainResult:
     unwrapped = model  # the module whose weights we save and average (accelerator.unwrap_model)
 
     with_latents, with_features = cached_fields(config, manifest, tokenizer, encoders)
+    if accelerator.is_main_process and (encoders or tokenizer.name != "pixels"):
+        print(
+            "targets: "
+            + ", ".join(
+                f"{part} {'cached in the shards' if cached else 'computed every step'}"
+                for part, cached, used in (
+                    ("latents", with_latents, tokenizer.name != "pixels"),
+                    ("encoder tokens", with_features, bool(encoders)),
+                )
+                if used
+            ),
+            flush=True,
+        )
     stream = make_train_stream(
         config.data.data,
         batch_size_per_rank=per_rank,
