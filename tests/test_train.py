@@ -1,6 +1,7 @@
 """End-to-end training on tiny synthetic shards: learning, REPA alignment, resume, pre-emption,
 non-finite steps, two processes."""
 
+import contextlib
 import json
 import os
 import signal
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -332,3 +334,107 @@ def test_eval_every_needs_a_reference(shards, tmp_path):
     values["run"]["eval_every"] = 2
     with pytest.raises(ValueError, match="--eval-ref"):
         ExperimentConfig.from_dict(values)
+
+
+def _train_command(
+    shards, output_dir: Path, config_file: Path, steps: int, ranks: int, checkpointing_steps: int = 1000
+) -> list[str]:
+    """`repa train` with one loader worker per rank (the workers are what a group signal hits),
+    under torchrun when ranks > 1."""
+    config = tiny_config(shards, output_dir, max_train_steps=steps, checkpointing_steps=checkpointing_steps)
+    config.data.num_workers = 1
+    config_file.write_text(json.dumps(config.to_dict()))  # JSON is YAML
+    train_args = ["-m", "repa", "train", "--config", str(config_file)]
+    if ranks == 1:
+        return [sys.executable, *train_args]
+    port = str(29600 + int.from_bytes(os.urandom(1), "little"))
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+            "--master_port", port, *train_args]  # fmt: skip
+
+
+def _process_tree(pid: int) -> list:
+    import psutil
+
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "ranks, signal_number, target",
+    [
+        (2, signal.SIGTERM, "launcher"),  # what a scheduler sends the job's main process
+        (2, signal.SIGTERM, "every process"),  # scancel / Slurm pre-emption: each rank and worker
+        (1, signal.SIGINT, "every process"),  # Ctrl-C in a terminal: the whole foreground group
+    ],
+)
+def test_signal_saves_at_the_stop_step_and_resumes_bitwise(shards, tmp_path, ranks, signal_number, target):
+    """Loader workers ignore the job's stop signals, so the rank that owns them stops at the end
+    of a step, saves a checkpoint there and exits; resumed, the run ends bitwise equal to a
+    straight run that checkpointed at the same step.
+
+    (A checkpoint restarts the data stream from (seed, rank, batches consumed), so the straight
+    run must have one at that step too: a resume continues a run exactly only from a step where
+    that run saved.)"""
+    import psutil
+
+    steps = 150
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    quiet = dict(env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300)
+    command = _train_command(shards, tmp_path / "signalled", tmp_path / "signalled.yaml", steps, ranks)
+    # a file, not a pipe that nobody reads while the run writes its progress bar into it
+    log = open(tmp_path / "signalled.log", "wb")  # noqa: SIM115 - closed once every process is gone
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    run_dir = tmp_path / "signalled" / "run"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if (run_dir / "metrics.jsonl").is_file() and len(read_metrics(run_dir)) >= 5:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be signalled"
+    tree = _process_tree(process.pid)
+    assert len(tree) == (1 if ranks > 1 else 0) + 2 * ranks  # torchrun, the ranks, one worker each
+    signalled_at = time.time()
+    for member in tree if target == "every process" else tree[:1]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.send_signal(signal_number)
+    gone, alive = psutil.wait_procs(tree, timeout=25)
+    log.close()
+    stderr = (tmp_path / "signalled.log").read_text(errors="replace")
+    # psutil reaped the launcher, so its exit status is psutil's to report
+    returncode = next(member.returncode for member in gone if member.pid == process.pid)
+    assert not alive, f"still running 25 s after the signal: {alive}\n{stderr[-2000:]}"
+    assert time.time() - signalled_at < 25
+    assert "is killed by signal" not in stderr, stderr[-2000:]
+    if ranks == 1:
+        assert returncode == 128 + signal_number, stderr[-1500:]
+    stopped_at = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    assert stopped_at is not None, f"no checkpoint at the stop step\n{stderr[-2000:]}"
+    stop_step = int(stopped_at.name.split("-")[1])
+    assert 5 <= stop_step < steps
+    assert stop_step == max(record["step"] for record in read_metrics(run_dir))
+
+    resumed = _train_command(
+        shards, tmp_path / "signalled", tmp_path / "signalled.yaml", steps, ranks, stop_step
+    )
+    reference = _train_command(shards, tmp_path / "reference", tmp_path / "ref.yaml", steps, ranks, stop_step)
+    for run in (resumed, reference):
+        done = subprocess.run(run, **quiet)
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert_states_equal(final_state(tmp_path / "reference" / "run"), final_state(run_dir))
+
+
+def test_loader_workers_leave_stop_signals_to_the_rank():
+    from repa.data.stream import _leave_stop_signals_to_the_rank
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        with mock.patch("ctypes.CDLL"):  # no parent-death signal on the test process itself
+            _leave_stop_signals_to_the_rank(0)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGTERM)  # survived
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

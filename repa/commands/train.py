@@ -7,6 +7,7 @@ Launch on many processes with `accelerate launch -m repa train ...` or `torchrun
 from __future__ import annotations
 
 import argparse
+import signal
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,5 +24,8 @@ def run(args: argparse.Namespace) -> int:
     result = train(config)
     status = "pre-empted; rerun the same command to resume" if result.preempted else "done"
     print(f"{result.run_dir}: step {result.step} ({status})")
-    # 143 = killed by SIGTERM, so job schedulers see the run as unfinished and can requeue it.
-    return 143 if result.preempted else 0
+    # 128 + signal (143 for SIGTERM, 130 for Ctrl-C), as if killed by it: job schedulers see the
+    # run as unfinished and can requeue it.
+    if not result.preempted:
+        return 0
+    return 128 + (result.stop_signal or signal.SIGTERM)

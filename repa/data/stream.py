@@ -42,6 +42,7 @@ import io
 import multiprocessing
 import os
 import random
+import signal
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -492,6 +493,22 @@ class _RecycledBuffers:
         return buffer.view(shape)
 
 
+def _leave_stop_signals_to_the_rank(worker_id: int) -> None:
+    """DataLoader worker start-up: a scheduler's SIGTERM (torchrun and Slurm signal every process
+    of the job), a terminal's Ctrl-C and SIGUSR1 are the rank's to act on; a worker that died of
+    them would take the rank down before it could save. (A job's processes may get SIGTERM twice:
+    from the scheduler and from torchrun forwarding it.) The rank ends its workers through the
+    DataLoader, and kills any that do not end (`TrainStream`); on Linux a worker also dies with
+    its rank instead of outliving it."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 @dataclass
 class TrainStream:
     """Iterable of `Batch` for one rank; see the module docstring for its guarantees.
@@ -542,6 +559,7 @@ class TrainStream:
                 pin_memory=self.pin_memory and self.num_workers == 0,
                 prefetch_factor=PREFETCH if self.num_workers > 0 else None,
                 multiprocessing_context=context,
+                worker_init_fn=_leave_stop_signals_to_the_rank if self.num_workers > 0 else None,
             )
             batches = iter(loader)  # starts the workers, which take the semaphores with them
         finally:
@@ -566,6 +584,11 @@ class TrainStream:
             shutdown = getattr(batches, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
+            # a worker that ignored the shutdown (stuck in a read) and its terminate() (workers
+            # ignore SIGTERM) would hold the process at exit
+            for worker in getattr(batches, "_workers", []):
+                if worker.is_alive():
+                    worker.kill()
 
     def _copy_out(
         self,

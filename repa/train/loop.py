@@ -53,6 +53,7 @@ class TrainResult:
     last_metrics: dict
     model: torch.nn.Module  # the online model (unwrapped), on this process's device
     ema_model: torch.nn.Module
+    stop_signal: int = 0  # the signal this process received when preempted (0: another rank's)
 
 
 class NonFiniteError(RuntimeError):
@@ -88,17 +89,28 @@ def lr_at(step: int, config: ExperimentConfig) -> float:
 
 
 class _StopFlag:
-    """SIGTERM / SIGUSR1 only set a flag; the loop agrees on it across ranks every step."""
+    """SIGTERM / SIGUSR1 / the first Ctrl-C only set a flag; the loop agrees on it across ranks
+    every step, saves a checkpoint at that step and returns. A second Ctrl-C aborts at once.
+    (The data-loader workers ignore these signals: repa.data.stream.)"""
 
     def __init__(self):
         self.requested = False
+        self.signal_number = 0
         self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             with contextlib.suppress(ValueError):  # not the main thread (e.g. some test runners)
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self.requested:
+                raise KeyboardInterrupt
+            sys.stderr.write(
+                "\nCtrl-C: saving a checkpoint at the end of this step, then stopping (Ctrl-C again to "
+                "abort without saving)\n"
+            )
         self.requested = True
+        self.signal_number = self.signal_number or signum
 
     def restore(self):
         for sig, handler in self._previous.items():
@@ -434,19 +446,22 @@ def train(config: ExperimentConfig) -> TrainResult:
             periodic = step % config.run.checkpointing_steps == 0 or step == config.run.max_train_steps
             if periodic or stop_now:
                 save(step)
-                # Rebuild the stream from (seed, rank, batches consumed): a run resumed from this
-                # checkpoint then reads exactly what this one reads next.
-                data_iter = iter(stream)
             if stop_now:
                 preempted = True
                 break
+            if periodic:
+                # Rebuild the stream from (seed, rank, batches consumed): a run resumed from this
+                # checkpoint then reads exactly what this one reads next.
+                data_iter = iter(stream)
     finally:
         stop.restore()
         if progress is not None:
             progress.close()
         logger.close()
     accelerator.wait_for_everyone()
-    return TrainResult(run_dir, step, preempted, nonfinite_total, last_metrics, unwrapped, ema.model)
+    return TrainResult(
+        run_dir, step, preempted, nonfinite_total, last_metrics, unwrapped, ema.model, stop.signal_number
+    )
 
 
 def make_periodic_eval(config: ExperimentConfig, tokenizer, device):
