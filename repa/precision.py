@@ -138,10 +138,7 @@ def probe_cpu(measure: bool = True) -> CpuProbe:
 def choose_cpu_precision(requested: str, probe: CpuProbe) -> PrecisionChoice:
     """The rule for a CPU, given its probe (pure: tests hand it a faked probe)."""
     if requested == "fp16":
-        raise ValueError(
-            "--mixed-precision fp16 needs a CUDA GPU (it trains with a grad scaler); on CPU use auto, "
-            "bf16 or no"
-        )
+        raise ValueError("--mixed-precision fp16 needs a CUDA GPU; on CPU use auto, bf16 or no")
     if requested in ("no", "fp32"):
         return PrecisionChoice("no", requested, "cpu", "asked for", probe)
     native = ", ".join(probe.native_bf16_flags)
@@ -218,9 +215,7 @@ def machine_report(size: int = 512) -> str:
     """`repa bench --probe`: the facts a timing depends on, as the README quotes them."""
     fp32, bf16 = measure_bf16_against_fp32(size)
     flags = native_bf16_flags()
-    choice = choose_cpu_precision(
-        "auto", CpuProbe(torch.backends.cpu.get_cpu_capability(), flags, fp32, bf16)
-    )
+    choice = resolve_precision("auto", "cpu")  # what a run decides (with its own, smaller probe)
     relative = f"bf16 {fp32 / bf16:.1f}x slower" if fp32 > bf16 else f"bf16 {bf16 / fp32:.1f}x faster"
     lines = [
         f"cpu: {cpu_model_name()}, {torch.get_num_threads()} torch threads",

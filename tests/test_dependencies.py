@@ -7,7 +7,10 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+import pytest
+
 REPA = Path(__file__).resolve().parents[1] / "repa"
+PYPROJECT = REPA.parent / "pyproject.toml"
 
 # declared packages that `repa/` reaches through another import name or package
 REACHED_THROUGH = {"tensorboard": "torch.utils.tensorboard (TensorBoard logging)"}
@@ -34,9 +37,10 @@ def imported_top_level_modules() -> dict[str, str]:
 
 
 def declared_distributions() -> set[str]:
-    requirements = metadata.requires("repa") or []
-    core = [r for r in requirements if "extra ==" not in r]
-    return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in core}
+    """pyproject.toml's dependencies as written (not an installed copy's, which may be stale)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    requirements = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
+    return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
 
 
 @functools.cache

@@ -127,3 +127,9 @@ def test_train_without_a_precision_flag_records_the_automatic_choice(tmp_path):
     expected = resolve_precision("auto")
     assert recorded["requested"] == "auto"
     assert recorded["name"] == expected.name and recorded["reason"] == expected.reason
+
+
+def test_the_flag_offers_exactly_the_choices_the_rule_knows():
+    from repa.config import PRECISIONS  # the torch-free copy the argument parsers use
+
+    assert PRECISIONS == precision_module.CHOICES

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from repa.config import PRECISIONS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="bench.json", help="JSON file to write (default bench.json)")
@@ -25,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mixed-precision",
         default="auto",
-        choices=("auto", "no", "fp32", "bf16"),
+        choices=[p for p in PRECISIONS if p != "fp16"],
         help="fp32 is always timed; bf16 too when asked for or when auto picks it (default auto)",
     )
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from repa.config import PRECISIONS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="demo_output", help="output directory (default demo_output)")
@@ -22,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mixed-precision",
         default="auto",
-        choices=("auto", "no", "fp32", "bf16"),
+        choices=[p for p in PRECISIONS if p != "fp16"],
         help="auto (default): bf16 only on a CPU that multiplies it natively (AMX, AVX512-BF16), else fp32",
     )
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from repa.config import PRECISIONS
+
 
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     """Sampler flags shared by `repa sample` and `repa curves` (defaults: REPA's published settings)."""
@@ -22,7 +24,7 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
         "--mixed-precision",
         "--precision",
         dest="precision",
-        choices=("auto", "no", "fp32", "bf16", "fp16"),
+        choices=PRECISIONS,
         default="auto",
         help="model precision; auto: bf16 where the GPU or CPU multiplies it natively, fp16 on older "
         "GPUs, else fp32 (REPA's published samples: fp32)",

@@ -290,7 +290,10 @@ def run_demo(options: DemoOptions) -> dict:
     for name, config in configs.items():
         mark = time.perf_counter()
         _log(f"4/5 training {name}: {size.train_steps} steps")
-        run_dirs[name] = train(config).run_dir
+        result = train(config)
+        if result.preempted:  # a Ctrl-C stops training gracefully; the demo's comparison stops with it
+            raise KeyboardInterrupt(f"stopped while training {name} (step {result.step})")
+        run_dirs[name] = result.run_dir
         timings[f"train_{name}"] = time.perf_counter() - mark
 
     mark = time.perf_counter()

@@ -40,6 +40,7 @@ from repa.eval.checkpoints import Generator, load_generator
 from repa.eval.metrics import Evaluator
 from repa.eval.references import ReferenceStats, fingerprint
 from repa.eval.sample import SamplerSettings, generate_images
+from repa.precision import resolve_precision
 from repa.train.checkpoint import COMPLETE, checkpoint_name, list_checkpoints
 
 HIGHER_IS_BETTER = {"is", "precision", "recall"}
@@ -126,7 +127,7 @@ def result_key(
         "spaces": sorted(space.name for space in evaluator.spaces.values()),
         "ref": _ref_identity(ref),
         "num_samples": num_samples,
-        "settings": settings.to_dict(),
+        "settings": settings.resolved(evaluator.device).to_dict(),  # never "auto": what ran
         "seed": seed,
         "labels": labels,
     }
@@ -324,7 +325,10 @@ def build_curves(
     otherwise no speed-up is computed.
     """
     # the precision `auto` picks is part of each cached result's key
-    settings = (settings or SamplerSettings()).resolved(device or evaluator.device)
+    settings = settings or SamplerSettings()
+    if progress:
+        print(f"sampling {resolve_precision(settings.precision, device or evaluator.device).summary()}")
+    settings = settings.resolved(device or evaluator.device)
     run_dirs = [Path(r) for r in runs]
     if baseline is not None and Path(baseline).resolve() not in [r.resolve() for r in run_dirs]:
         run_dirs.append(Path(baseline))

@@ -329,9 +329,9 @@ def sample_to_npz(
     output = Path(output)
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    settings = settings.resolved(device)
     if rank == 0:
         print(f"sampling {resolve_precision(settings.precision, device).summary()}", flush=True)
+    settings = settings.resolved(device)
     record = {
         "weights": generator.identity,
         "step": generator.step,

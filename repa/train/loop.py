@@ -117,6 +117,14 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+def _recorded_precision(path: Path) -> str | None:
+    """The precision an earlier start of this run recorded (None: none recorded)."""
+    try:
+        return json.loads(path.read_text())["mixed_precision"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _environment(world_size: int, precision: PrecisionChoice) -> dict:
     import accelerate
 
@@ -160,15 +168,21 @@ def warn_config_changes(saved: dict, current: dict, is_main: bool) -> None:
 
 def train(config: ExperimentConfig) -> TrainResult:
     """Train (or resume) the run described by `config`; returns where it stopped."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
 
     from repa.data.shards import check_local_shards, expand_shard_urls
     from repa.data.stream import make_train_stream
 
     config.validate()
-    precision = resolve_precision(config.run.mixed_precision)
+    # Every rank computes in the same precision: rank 0's choice (a CPU probe, or a mixed
+    # cluster, could otherwise split the job).
+    distributed = PartialState(cpu=not torch.cuda.is_available())
+    chosen = [resolve_precision(config.run.mixed_precision) if distributed.is_main_process else None]
+    precision = (
+        broadcast_object_list(chosen, from_process=0)[0] if distributed.num_processes > 1 else chosen[0]
+    )
     if config.method == "repa-e" and precision.name == "fp16":
         if config.run.mixed_precision == "fp16":
             raise ValueError(
@@ -221,6 +235,14 @@ def train(config: ExperimentConfig) -> TrainResult:
         ckpt.remove_stale_staging(checkpoints_dir)
         save_config(config, run_dir / "config.yaml")
         print(precision.summary(), flush=True)
+        previous = _recorded_precision(run_dir / "environment.json")
+        if previous and previous != precision.name:
+            print(
+                f"warning: this run trained in {previous!r} so far and continues in {precision.name!r} "
+                f"(another machine?); pass --mixed-precision {previous} to keep it",
+                file=sys.stderr,
+                flush=True,
+            )
         (run_dir / "environment.json").write_text(json.dumps(_environment(world, precision), indent=1))
     accelerator.wait_for_everyone()
 
@@ -448,12 +470,19 @@ def train(config: ExperimentConfig) -> TrainResult:
                 save(step)
             if stop_now:
                 preempted = True
+                if world > 1:  # the signal that stopped the job, also on ranks that did not get it
+                    received = torch.tensor([stop.signal_number], device=device)
+                    torch.distributed.all_reduce(received, op=torch.distributed.ReduceOp.MAX)
+                    stop.signal_number = int(received.item())
                 break
             if periodic:
                 # Rebuild the stream from (seed, rank, batches consumed): a run resumed from this
                 # checkpoint then reads exactly what this one reads next.
                 data_iter = iter(stream)
     finally:
+        # Stop the loader workers now, also on an exception or a second Ctrl-C: they ignore
+        # SIGTERM, so left to interpreter exit they would hold the process.
+        data_iter.close()
         stop.restore()
         if progress is not None:
             progress.close()
@@ -489,9 +518,12 @@ def make_periodic_eval(config: ExperimentConfig, tokenizer, device):
 def _sampler_for(config: ExperimentConfig, num_steps: int, cfg_scale: float):
     from repa.eval.sample import SamplerSettings
 
+    # fp32, as before `auto` existed: preview and --eval-every curves stay comparable across
+    # machines and with `repa curves --mixed-precision fp32`
     return SamplerSettings(
-        mode="ode", method="euler", num_steps=num_steps, cfg_scale=cfg_scale, guidance_high=1.0
-    )
+        mode="ode", method="euler", num_steps=num_steps, cfg_scale=cfg_scale, guidance_high=1.0,
+        precision="fp32",
+    )  # fmt: skip
 
 
 @torch.no_grad()
