@@ -177,9 +177,9 @@ def train(config: ExperimentConfig) -> TrainResult:
 
     config.validate()
     # Every rank computes in the same precision: rank 0's choice (a CPU probe, or a mixed
-    # cluster, could otherwise split the job).
+    # cluster, could otherwise split the job). Every rank resolves, so a bad choice fails on all.
     distributed = PartialState(cpu=not torch.cuda.is_available())
-    chosen = [resolve_precision(config.run.mixed_precision) if distributed.is_main_process else None]
+    chosen = [resolve_precision(config.run.mixed_precision)]
     precision = (
         broadcast_object_list(chosen, from_process=0)[0] if distributed.num_processes > 1 else chosen[0]
     )
