@@ -438,3 +438,47 @@ def test_loader_workers_leave_stop_signals_to_the_rank():
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+def test_a_full_disk_stops_with_one_message_and_the_rerun_resumes(shards, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from repa.cli import main
+
+    config = tiny_config(shards, tmp_path / "full")
+    config_file = tmp_path / "full.yaml"
+    config_file.write_text(json.dumps(config.to_dict()))
+    real_save_file = ckpt.save_file
+
+    def disk_full_at_step_8(obj, path):
+        if path.name == "model.pt" and obj.get("step") == 8:
+            real_save_file(obj, path)  # a partial write: the staging folder holds something
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save_file(obj, path)
+
+    monkeypatch.setattr(ckpt, "save_file", disk_full_at_step_8)
+    assert main(["train", "--config", str(config_file)]) == 2
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    (error,) = [line for line in stderr.splitlines() if line.startswith("repa train: error:")]
+    checkpoints = tmp_path / "full" / "run" / "checkpoints"
+    assert "saving step 8" in error and "MiB are free" in error
+    assert f"{checkpoints / 'step-00000004'}, is intact" in error and "rerun the same command" in error
+    assert [p.name for p in checkpoints.iterdir() if p.name.startswith(".tmp")] == []  # space given back
+    assert ckpt.latest_checkpoint(checkpoints).name == "step-00000004"
+
+    monkeypatch.setattr(ckpt, "save_file", real_save_file)
+    assert main(["train", "--config", str(config_file)]) == 0  # resumes from step 4
+    straight = train(tiny_config(shards, tmp_path / "straight"))
+    assert_states_equal(final_state(straight.run_dir), final_state(tmp_path / "full" / "run"))
+
+
+def test_low_disk_space_is_warned_about_once_before_a_save(shards, tmp_path, monkeypatch, capsys):
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    train(tiny_config(shards, tmp_path))  # saves at steps 4, 8 and 12; the last two see 1000 bytes free
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "MiB free on the device" in line]
+    assert len(warnings) == 1 and "a checkpoint takes about" in warnings[0]

@@ -20,6 +20,7 @@ objects), so they load with torch.load(weights_only=True).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -165,6 +166,32 @@ def resolve_resume(resume: str, checkpoints_dir: Path) -> Path | None:
             f"complete ones: {available}"
         )
     return path
+
+
+class DiskFullError(RuntimeError):
+    """A checkpoint did not fit on its disk; the message says what is safe and what to do."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """ENOSPC from any writer: torch raises OSError, safetensors its own error with the text."""
+    return getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def disk_full_message(checkpoints_dir: Path, step: int, staging: Path) -> str:
+    """One paragraph for a save that ran out of space: where, how much, what is intact, what next."""
+    last = latest_checkpoint(checkpoints_dir)
+    needed = directory_bytes(last) if last is not None else directory_bytes(staging)
+    free = shutil.disk_usage(checkpoints_dir).free
+    intact = f"the last complete checkpoint, {last}, is intact" if last else "no earlier checkpoint exists"
+    return (
+        f"no space left on the device of {checkpoints_dir} while saving step {step}: a checkpoint takes "
+        f"about {needed / 2**20:.0f} MiB and {free / 2**20:.0f} MiB are free; {intact}. Free some space "
+        f"(or lower --keep-checkpoints) and rerun the same command to resume from it"
+    )
 
 
 def load_file(path: Path) -> dict:

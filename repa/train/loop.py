@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import sys
 import time
@@ -332,10 +333,34 @@ def train(config: ExperimentConfig) -> TrainResult:
 
         progress = tqdm(total=config.run.max_train_steps, initial=step, desc=run_dir.name, dynamic_ncols=True)
 
+    space_warned = False
+
     def save(at_step: int) -> None:
+        nonlocal space_warned
+        last = ckpt.latest_checkpoint(checkpoints_dir)
+        if last is not None and accelerator.is_main_process and not space_warned:
+            needed, free = ckpt.directory_bytes(last), shutil.disk_usage(checkpoints_dir).free
+            if free < 1.2 * needed:
+                space_warned = True
+                print(
+                    f"warning: {free / 2**20:.0f} MiB free on the device of {checkpoints_dir}, and a "
+                    f"checkpoint takes about {needed / 2**20:.0f} MiB",
+                    file=sys.stderr,
+                    flush=True,
+                )
         staging = ckpt.begin_save(
             checkpoints_dir, at_step, accelerator.is_main_process, accelerator.wait_for_everyone
         )
+        try:
+            write_checkpoint_files(at_step, staging)
+        except Exception as error:
+            if not ckpt.is_disk_full(error):
+                raise
+            message = ckpt.disk_full_message(checkpoints_dir, at_step, staging)
+            shutil.rmtree(staging, ignore_errors=True)  # the space it holds is the user's
+            raise ckpt.DiskFullError(message) from None
+
+    def write_checkpoint_files(at_step: int, staging: Path) -> None:
         if accelerator.is_main_process:
             from safetensors.torch import save_file
 
