@@ -564,3 +564,25 @@ def test_a_batch_refuses_a_sample_of_another_shape():
         collate([sample("a", 16), sample("b", 8)])
     with pytest.raises(ValueError, match="sample b: no moments"):
         collate([sample("a", 16), sample("b", 16, moments=False)])
+
+
+def test_a_shard_cut_at_a_block_boundary_counts_its_lost_samples(shard_dirs, tmp_path):
+    """A copy that stopped early at a 512-byte boundary reads as a clean, shorter tar; the
+    manifest's count turns the silent loss into skipped samples, with a warning naming the shard."""
+    data = tmp_path / "shards"
+    shutil.copytree(shard_dirs["plain"], data)
+    first = sorted(data.glob("*.tar"))[0]
+    with tarfile.open(first) as archive:
+        members = archive.getmembers()
+    keys = list(dict.fromkeys(member.name.split(".")[0] for member in members))
+    sixth = next(member for member in members if member.name.split(".")[0] == keys[5])
+    assert sixth.offset % 512 == 0
+    with open(first, "r+b") as handle:
+        handle.truncate(sixth.offset)  # samples 6..8 cut off: 3 lost
+    stream = make_train_stream(
+        str(data), batch_size_per_rank=1, num_workers=0, shuffle_buffer=1, num_batches=NUM_IMAGES - 3 + 1
+    )
+    with pytest.warns(UserWarning, match=rf"{first.name} ended after 5 of its 8 samples"):
+        batches = list(stream)
+    assert len(batches) == NUM_IMAGES - 3 + 1  # one whole pass, then one sample of the next
+    assert stream.num_skipped == 3

@@ -342,6 +342,10 @@ class ShardStream(IterableDataset):
         # Shapes every sample must have ("image" (H, W, 3), "moments", "features"), from the
         # manifest; a field missing here is fixed by the first sample a worker accepts.
         self.expected_shapes: dict[str, tuple[int, ...]] = {}
+        # Samples in each shard (by file name), from the manifest: a shard that ends early
+        # counts what it lost as skipped instead of losing it silently.
+        self.expected_counts: dict[str, int] = {}
+        self._short_shards_warned: set[str] = set()
 
     def _skip(self, exn: Exception, where: str = "") -> bool:
         """webdataset-style handler: warn, count, continue. `where`: the sample, when known (tar
@@ -355,6 +359,22 @@ class ShardStream(IterableDataset):
             )
         return True
 
+    def _count_shortfall(self, url: str, read: int, skipped: int) -> None:
+        """A shard that ended before the manifest's count (truncated, often cleanly at a tar
+        block boundary): its missing samples count as skipped, with one warning per shard."""
+        expected = self.expected_counts.get(url.rsplit("/", 1)[-1])
+        missing = expected - read - skipped if expected is not None else 0
+        if missing <= 0:
+            return
+        self.skipped += missing
+        if url not in self._short_shards_warned:
+            self._short_shards_warned.add(url)
+            warnings.warn(
+                f"data stream: {url} ended after {read} of its {expected} samples (manifest); the "
+                f"{missing} missing count as skipped on every pass (`repa data verify` checks shards)",
+                stacklevel=2,
+            )
+
     def _raw_samples(self, shards: list[str], rng: random.Random) -> Iterator[dict[str, Any]]:
         """Endless: each pass reads this worker's shards in a fresh seeded order."""
         while True:
@@ -362,9 +382,12 @@ class ShardStream(IterableDataset):
             rng.shuffle(order)
             raw_in_pass = 0
             for url in order:
+                read, skipped_before = 0, self.skipped
                 for sample in fmt.iter_tar_samples(url, handler=self._skip, defer_over=self.defer_over):
-                    raw_in_pass += 1
+                    read += 1
                     yield sample
+                raw_in_pass += read
+                self._count_shortfall(url, read, self.skipped - skipped_before)
             if raw_in_pass == 0:
                 raise StreamError(
                     f"no readable samples in any of this worker's {len(shards)} shards "
@@ -630,19 +653,20 @@ class TrainStream:
 
 def _check_manifest(
     shards: str | Sequence[str], *, flip: bool, with_latents: bool, with_features: bool
-) -> dict[str, tuple[int, ...]]:
+) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
     """Fail at start-up when the manifest says the shards lack a requested cache; return the
-    shapes it records for images, moments and features ({} without a readable manifest)."""
+    shapes it records for images, moments and features, and each shard's sample count by file
+    name (both empty without a readable manifest)."""
     if not isinstance(shards, str):
-        return {}
+        return {}, {}
     manifest_path = fmt.locate_manifest(shards)
     if manifest_path is None:
-        return {}
+        return {}, {}
     try:
         manifest = fmt.read_manifest(manifest_path)
         fields = manifest["fields"]
     except (OSError, ValueError, KeyError):
-        return {}  # no readable manifest: per-sample checks still apply
+        return {}, {}  # no readable manifest: per-sample checks still apply
     if with_latents and "latents" not in fields:
         raise StreamError(f"{shards}: no cached latents; rebuild with `repa data build --cache-latents NAME`")
     if with_features and "features" not in fields:
@@ -660,7 +684,12 @@ def _check_manifest(
     for name, key in (("moments", "latent_shape"), ("features", "feature_shape")):
         if manifest.get(key):
             shapes[name] = tuple(manifest[key])
-    return shapes
+    counts = {
+        entry["name"]: int(entry["num_samples"])
+        for entry in manifest.get("shards") or []
+        if isinstance(entry, dict) and "name" in entry and "num_samples" in entry
+    }
+    return shapes, counts
 
 
 def make_train_stream(
@@ -709,7 +738,9 @@ def make_train_stream(
             stacklevel=2,
         )
         num_workers = workers_that_fit
-    shapes = _check_manifest(shards, flip=flip, with_latents=with_latents, with_features=with_features)
+    shapes, counts = _check_manifest(
+        shards, flip=flip, with_latents=with_latents, with_features=with_features
+    )
     dataset = ShardStream(
         urls,
         batch_size=batch_size_per_rank,
@@ -722,7 +753,7 @@ def make_train_stream(
         with_latents=with_latents,
         with_features=with_features,
     )
-    dataset.expected_shapes = shapes
+    dataset.expected_shapes, dataset.expected_counts = shapes, counts
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     elif pin_memory and not torch.cuda.is_available():
