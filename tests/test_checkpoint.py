@@ -1,4 +1,5 @@
-"""Atomic checkpoints: completeness marker, pointer, retention, kill during save, RNG round trip."""
+"""Atomic checkpoints: completeness marker, pointer, retention, kill during save, RNG round trip;
+the layout module both training and evaluation read, and the atomic-write helper."""
 
 import os
 import random
@@ -11,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from repa import runs
 from repa.train import checkpoint as ckpt
+from repa.utils.files import atomic_path, stale_temporaries, temporary_path, write_bytes_atomic
 
 
 def _save(directory, step, payload, keep_last=2, keep_every=0):
@@ -104,3 +107,60 @@ def test_rng_state_round_trip():
     ckpt.restore_rng_state(state)
     assert torch.equal(torch.rand(3), expected[0])
     assert random.random() == expected[1] and np.random.rand() == expected[2]
+
+
+# ---- the layout, shared with evaluation ----------------------------------------------------------
+
+
+def _fresh_modules(statement: str) -> set[str]:
+    """Module names loaded by `statement` in a new interpreter (this one has imported everything)."""
+    script = f"import sys\n{statement}\nprint('\\n'.join(sys.modules))"
+    output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return set(output.stdout.split())
+
+
+def test_eval_does_not_import_train_and_the_layout_does_not_import_torch():
+    loaded = _fresh_modules("import repa.eval")
+    assert "repa.runs" in loaded
+    assert sorted(name for name in loaded if name.startswith("repa.train")) == []
+    assert "torch" not in _fresh_modules("import repa.runs")
+
+
+def test_training_and_evaluation_share_one_layout(tmp_path):
+    from repa.eval import checkpoints, curves
+
+    for name in ("COMPLETE", "checkpoint_name", "is_complete", "list_checkpoints", "latest_checkpoint"):
+        assert getattr(ckpt, name) is getattr(runs, name)
+    assert checkpoints.list_checkpoints is runs.list_checkpoints
+    assert curves.checkpoint_name is runs.checkpoint_name
+    final = _save(tmp_path, 7, torch.zeros(1))
+    assert runs.parse_checkpoint_name(final.name) == 7 and runs.parse_checkpoint_name("latest") is None
+    assert ckpt.staging_dir(tmp_path, 7).name.startswith(runs.STAGING_PREFIX)
+
+
+# ---- atomic writes -------------------------------------------------------------------------------
+
+
+def test_atomic_write_replaces_the_target_only_when_the_writer_succeeds(tmp_path):
+    target = tmp_path / "record.json"
+    write_bytes_atomic(target, b"old")
+    with pytest.raises(RuntimeError, match="writer failed"), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half of the new")
+        raise RuntimeError("writer failed")
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["record.json"]  # no temporary left behind
+    with atomic_path(target, durable=False) as tmp:
+        torch.save({"x": torch.ones(2)}, tmp)  # writers that need a path
+    assert torch.equal(torch.load(target, weights_only=True)["x"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["record.json"]
+
+
+def test_stale_temporaries_are_the_names_the_writer_uses(tmp_path):
+    target = tmp_path / "train-000001.tar"
+    temporary_path(target).write_bytes(b"partial")  # as a killed writer leaves it
+    (tmp_path / f".{target.name}.tmp-99999").write_bytes(b"partial")  # another process's
+    (tmp_path / ".train-000010.tar.tmp-1").write_bytes(b"another file's")
+    assert stale_temporaries(target) == sorted(
+        [temporary_path(target), tmp_path / f".{target.name}.tmp-99999"]
+    )
+    assert not list(tmp_path.glob("*.tar"))  # readers listing by suffix never see a temporary

@@ -15,7 +15,7 @@ Sources, in order of preference for each fact:
             projector widths from projectors.k.{0,4}.weight, qk-norm and REPA-E's latent
             BatchNorm from their keys; the size name (heads) from --model or, when unique, from
             the registry entry with that depth, width and patch size. --tokenizer is then required.
-Eval reads checkpoints; it never imports the training loop.
+Eval reads checkpoints through repa.runs (the layout); it never imports repa.train.
 """
 
 from __future__ import annotations
@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from repa.train.checkpoint import COMPLETE, is_complete, latest_checkpoint, list_checkpoints
+from repa.runs import COMPLETE, is_complete, latest_checkpoint, list_checkpoints, parse_checkpoint_name
 
 EMA_FILE = "ema.safetensors"
 
@@ -105,7 +104,7 @@ def resolve_checkpoint(
         return path / EMA_FILE, json.loads((path / COMPLETE).read_text())["step"]
     checkpoints_dir = path / "checkpoints"
     if not checkpoints_dir.is_dir():
-        if re.match(r"^step-\d+$", path.name):
+        if parse_checkpoint_name(path.name) is not None:
             raise FileNotFoundError(
                 f"{path} is an incomplete checkpoint (no {COMPLETE}): it was never committed"
             )

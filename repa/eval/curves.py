@@ -41,7 +41,8 @@ from repa.eval.metrics import Evaluator
 from repa.eval.references import ReferenceStats, fingerprint
 from repa.eval.sample import SamplerSettings, generate_images
 from repa.precision import resolve_precision
-from repa.train.checkpoint import COMPLETE, checkpoint_name, list_checkpoints
+from repa.runs import COMPLETE, checkpoint_name, list_checkpoints
+from repa.utils.files import write_bytes_atomic
 
 HIGHER_IS_BETTER = {"is", "precision", "recall"}
 
@@ -168,9 +169,7 @@ def evaluate_checkpoint(
     )
     record = {"step": step, "metrics": metrics, "key": key}
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, cache_file)
+    write_bytes_atomic(cache_file, json.dumps(record, indent=1).encode())
     return record
 
 

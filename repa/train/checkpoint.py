@@ -1,14 +1,4 @@
-"""Atomic checkpoints: a checkpoint exists only once it is complete.
-
-Layout of a run directory's `checkpoints/`:
-
-    step-00010000/          a committed checkpoint
-        COMPLETE.json       written last, by the main process: step, world size, time, files
-        model.pt            online model, EMA, optimisers, scaler, schedule, step, config (main)
-        rng-rank{R}.pt      each process's RNG states and data-stream position
-        ema.safetensors     the EMA weights in the published key layout (for REPA tools)
-    latest                  text file naming the newest committed checkpoint (write-then-rename)
-    .tmp-step-00020000/     a save in progress; never read, removed on the next start
+"""Atomic checkpoints: the save protocol. The layout it writes is repa.runs's (read there).
 
 Protocol (docs/reliability.md, "Atomic checkpoints"): every process writes into the temporary folder, all
 meet at a barrier, the main process writes COMPLETE.json, fsyncs, renames the folder into place
@@ -23,7 +13,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -31,36 +20,20 @@ from pathlib import Path
 
 import torch
 
-COMPLETE = "COMPLETE.json"
-LATEST = "latest"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """Write to a sibling temporary file, fsync, rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def staging_dir(checkpoints_dir: Path, step: int) -> Path:
-    return checkpoints_dir / f".tmp-{checkpoint_name(step)}"
+# The layout names are re-exported: the loop and tests reach them as `ckpt.X`.
+from repa.runs import (  # noqa: F401
+    COMPLETE,
+    LATEST,
+    STAGING_PREFIX,
+    checkpoint_name,
+    is_complete,
+    latest_checkpoint,
+    list_checkpoints,
+    parse_checkpoint_name,
+    resolve_resume,
+    staging_dir,
+)
+from repa.utils.files import fsync_dir, write_bytes_atomic
 
 
 def begin_save(checkpoints_dir: Path, step: int, is_main: bool, barrier: Callable[[], None]) -> Path:
@@ -98,42 +71,20 @@ def commit_save(
             "time": time.time(),
             "files": sorted(os.listdir(staging)),
         }
-        write_file_atomic(staging / COMPLETE, json.dumps(record, indent=1).encode())
+        write_bytes_atomic(staging / COMPLETE, json.dumps(record, indent=1).encode())
         if final.exists():  # a committed checkpoint of the same step (e.g. re-saved after resume)
             shutil.rmtree(final)
         os.replace(staging, final)
-        _fsync_dir(checkpoints_dir)
-        write_file_atomic(checkpoints_dir / LATEST, final.name.encode())
+        fsync_dir(checkpoints_dir)
+        write_bytes_atomic(checkpoints_dir / LATEST, final.name.encode())
         prune_checkpoints(checkpoints_dir, keep_last=keep_last, keep_every=keep_every)
     barrier()
     return final
 
 
-def is_complete(path: Path) -> bool:
-    return (path / COMPLETE).is_file()
-
-
-def list_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
-    """Committed checkpoints as (step, path), oldest first. Incomplete folders are ignored."""
-    if not checkpoints_dir.is_dir():
-        return []
-    found = []
-    for path in checkpoints_dir.iterdir():
-        match = _STEP_DIR.match(path.name)
-        if match and path.is_dir() and is_complete(path):
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The newest complete checkpoint (the `latest` pointer is a hint; completeness decides)."""
-    found = list_checkpoints(checkpoints_dir)
-    return found[-1][1] if found else None
-
-
 def prune_checkpoints(checkpoints_dir: Path, keep_last: int, keep_every: int = 0) -> None:
-    """Delete old complete checkpoints beyond the newest `keep_last` (never fewer than 2) and
-    stale staging folders; keep multiples of `keep_every` (for FID curves)."""
+    """Delete old complete checkpoints beyond the newest `keep_last` (never fewer than 2); keep
+    multiples of `keep_every` (for FID curves)."""
     keep_last = max(keep_last, 2)
     found = list_checkpoints(checkpoints_dir)
     for step, path in found[:-keep_last]:
@@ -145,27 +96,8 @@ def prune_checkpoints(checkpoints_dir: Path, keep_last: int, keep_every: int = 0
 def remove_stale_staging(checkpoints_dir: Path) -> None:
     """Staging folders left by a killed save are garbage: remove them at start-up (main only)."""
     if checkpoints_dir.is_dir():
-        for path in checkpoints_dir.glob(".tmp-step-*"):
+        for path in checkpoints_dir.glob(f"{STAGING_PREFIX}step-*"):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def resolve_resume(resume: str, checkpoints_dir: Path) -> Path | None:
-    """`auto` -> newest complete checkpoint or None; `none` -> None; `step:N` or a path -> that one."""
-    if resume in ("", "none"):
-        return None
-    if resume == "auto":
-        return latest_checkpoint(checkpoints_dir)
-    if resume.startswith("step:"):
-        path = checkpoints_dir / checkpoint_name(int(resume[len("step:") :]))
-    else:
-        path = Path(resume)
-    if not is_complete(path):
-        available = ", ".join(p.name for _, p in list_checkpoints(checkpoints_dir)) or "none"
-        raise FileNotFoundError(
-            f"cannot resume from {path}: not a complete checkpoint (no {COMPLETE}); "
-            f"complete ones: {available}"
-        )
-    return path
 
 
 class DiskFullError(RuntimeError):
