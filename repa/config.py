@@ -5,6 +5,11 @@ Precedence: dataclass defaults < YAML preset (`--config configs/NAME.yaml`, nest
 aliases (REPA's spellings) and its help text; the argument parser and the README's configuration
 reference are generated from these declarations, so they cannot drift apart.
 
+Fields with a fixed set of values are typed `Literal[...]` (a comma list of such values:
+`CommaList[Literal[...]]`). The annotation is the only list of valid values: one check,
+`check_choice`, reads it for the argument parser, for presets and for `ExperimentConfig.from_dict`
+(every section runs it first in `__post_init__`), and the flag help and the README list it.
+
 Each section validates itself in `__post_init__`; `ExperimentConfig.validate()` checks what
 spans sections. Messages say what to change.
 """
@@ -13,28 +18,106 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
 
 def option(default: Any, help: str, *, flag: str | None = None, aliases: tuple[str, ...] = (), choices=None):
-    """A config field with its command-line spelling (default: --field-name) and aliases."""
-    metadata = {"help": help, "flag": flag, "aliases": aliases, "choices": choices}
+    """A config field with its command-line spelling (default: --field-name) and aliases.
+
+    Valid values come from the field's `Literal` annotation, never from here: `choices` is
+    accepted only as None."""
+    if choices is not None:
+        raise TypeError("declare a field's valid values with a Literal annotation, not choices=")
+    metadata = {"help": help, "flag": flag, "aliases": aliases}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
+@dataclass(frozen=True)
+class CommaList:
+    """`CommaList[L]`: a string of comma-separated names (possibly none), each a value of Literal L."""
+
+    literal: Any
+
+    def __class_getitem__(cls, literal):
+        return Annotated[str, cls(literal)]
+
+
+# The fixed sets of values. Torch-free copies of lists kept elsewhere; tests assert they agree.
+PathType = Literal["linear", "cosine"]
+# repa.transport.objective: TIME_SAMPLERS, then TIME_SAMPLER_ALIASES (REPA's `--weighting lognormal`).
+TimeSamplerName = Literal["uniform", "logit-normal", "lognormal", "logit_normal"]
+LRSchedule = Literal["constant", "cosine"]
+Precision = Literal["auto", "no", "fp32", "bf16", "fp16"]  # repa.precision.CHOICES
+Logger = Literal["wandb", "tensorboard"]  # repa.train.logging
+EvalMetric = Literal["fid", "sfid", "is", "prc", "fd-dinov2", "fd"]  # repa.eval.metrics.METRICS
+WandbMode = Literal["online", "offline"]
+
 METHODS = ("sit", "repa", "repa-e", "ldm")
-PRECISIONS = ("auto", "no", "fp32", "bf16", "fp16")  # repa.precision.CHOICES, without importing torch
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+TIME_SAMPLER_NAMES: tuple[str, ...] = get_args(TimeSamplerName)
+EVAL_METRICS: tuple[str, ...] = get_args(EvalMetric)
+
+
+@functools.cache
+def _hints(section_type: type) -> dict[str, Any]:
+    return get_type_hints(section_type, include_extras=True)
+
+
+def _choices(section_type: type, name: str) -> tuple[tuple[str, ...], bool] | None:
+    """(valid values, whether the field is a comma list of them), or None when any value goes."""
+    hint = _hints(section_type)[name]
+    if get_origin(hint) is Literal:
+        return get_args(hint), False
+    if get_origin(hint) is Annotated:
+        for extra in hint.__metadata__:
+            if isinstance(extra, CommaList):
+                return get_args(extra.literal), True
+    return None
+
+
+def _section_name(section_type: type) -> str:
+    return next(name for name, known in SECTIONS.items() if known is section_type)
+
+
+def check_choice(section_type: type, name: str, value: Any) -> None:
+    """THE check of every fixed-set field: `value` (each item of a comma list) must be one of the
+    values of the field's Literal annotation. Flags, presets and from_dict all end up here."""
+    choices = _choices(section_type, name)
+    if choices is None:
+        return
+    valid, is_list = choices
+    items = [item.strip() for item in value.split(",")] if is_list and isinstance(value, str) else [value]
+    for item in items:
+        if item not in valid and not (is_list and item == ""):
+            f = next(f for f in dataclasses.fields(section_type) if f.name == name)
+            hint = ""
+            if isinstance(item, bool):
+                hint = " (YAML reads unquoted no/yes/off/on as booleans: quote the value)"
+            raise ValueError(
+                f"{_flag_name(f)} {item!r} is not one of: {', '.join(valid)} "
+                f"(config key {_section_name(section_type)}.{name}){hint}"
+            )
+
+
+class _Section:
+    """Base of the config sections: their fixed-set fields are checked before anything else."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            check_choice(type(self), f.name, getattr(self, f.name))
 
 
 @dataclass
-class ModelOptions:
+class ModelOptions(_Section):
     name: str = option(
         "SiT-XL/2", "diffusion backbone from the registry (SiT-{S,B,L,XL}/{1,2,4,8})", flag="--model"
     )
@@ -57,6 +140,7 @@ class ModelOptions:
     num_heads: int | None = option(None, "override the registered number of heads")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.proj_coeff < 0:
             raise ValueError(f"--proj-coeff must be >= 0, got {self.proj_coeff}")
         if not 0 <= self.class_dropout_prob < 1:
@@ -66,7 +150,7 @@ class ModelOptions:
 
 
 @dataclass
-class DataOptions:
+class DataOptions(_Section):
     data: str = option(
         "", "training shards: a directory, a brace pattern or URL list", aliases=("--data-dir",)
     )
@@ -79,6 +163,7 @@ class DataOptions:
     use_cached_features: bool = option(True, "use encoder features cached in the shards when present")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.resolution <= 0 or self.resolution % 8:
             raise ValueError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
         if self.batch_size < 1:
@@ -88,7 +173,7 @@ class DataOptions:
 
 
 @dataclass
-class TokenizerOptions:
+class TokenizerOptions(_Section):
     tokenizer: str = option(
         "sd-vae-ft-mse", "latent space: sd-vae-ft-mse | sd-vae-ft-ema | f8d4 | f16d32 | pixels | PATH"
     )
@@ -102,7 +187,7 @@ class TokenizerOptions:
 
 
 @dataclass
-class EncoderOptions:
+class EncoderOptions(_Section):
     encoder: str = option(
         "dinov2-b", "frozen target encoder(s), comma-separated; 'none' = plain SiT", aliases=("--enc-type",)
     )
@@ -115,29 +200,32 @@ class EncoderOptions:
 
 
 @dataclass
-class TransportOptions:
-    path_type: str = option("linear", "interpolant: linear | cosine", choices=("linear", "cosine"))
-    time_sampler: str = option(
-        "uniform", "training-time distribution: uniform | lognormal (logit-normal)", aliases=("--weighting",)
+class TransportOptions(_Section):
+    path_type: PathType = option("linear", "interpolant between data and noise")
+    time_sampler: TimeSamplerName = option(
+        "uniform",
+        "training-time distribution (lognormal and logit_normal: REPA's names for logit-normal)",
+        aliases=("--weighting",),
     )
     time_loc: float = option(0.0, "logit-normal location")
     time_scale: float = option(1.0, "logit-normal scale")
 
 
 @dataclass
-class OptimOptions:
+class OptimOptions(_Section):
     learning_rate: float = option(1e-4, "AdamW learning rate", aliases=("--lr",))
     adam_beta1: float = option(0.9, "AdamW beta1")
     adam_beta2: float = option(0.999, "AdamW beta2")
     adam_weight_decay: float = option(0.0, "AdamW weight decay")
     adam_epsilon: float = option(1e-8, "AdamW epsilon")
     max_grad_norm: float = option(1.0, "gradient clipping norm (0 disables)")
-    lr_schedule: str = option("constant", "constant | cosine (with warmup)", choices=("constant", "cosine"))
+    lr_schedule: LRSchedule = option("constant", "learning-rate schedule after the linear warmup")
     lr_warmup_steps: int = option(0, "linear learning-rate warmup steps")
     gradient_accumulation_steps: int = option(1, "micro-batches per optimiser step")
     ema_decay: float = option(0.9999, "EMA decay per optimiser step")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.learning_rate <= 0:
             raise ValueError(f"--learning-rate must be > 0, got {self.learning_rate}")
         if self.gradient_accumulation_steps < 1:
@@ -149,7 +237,7 @@ class OptimOptions:
 
 
 @dataclass
-class VAEOptions:
+class VAEOptions(_Section):
     """REPA-E's end-to-end VAE training (method repa-e). Weights: docs/conventions.md, "REPA-E training"."""
 
     vae_learning_rate: float = option(1e-4, "VAE AdamW learning rate")
@@ -165,7 +253,7 @@ class VAEOptions:
 
 
 @dataclass
-class RunOptions:
+class RunOptions(_Section):
     method: str = option(
         "", "sit | repa | repa-e | ldm (default: repa with an encoder, sit without)", choices=None
     )
@@ -181,11 +269,10 @@ class RunOptions:
     )
     resume: str = option("auto", "auto (newest complete checkpoint) | none | PATH of a checkpoint directory")
     seed: int = option(0, "global seed; per-process streams derive from (seed, rank, step)")
-    mixed_precision: str = option(
+    mixed_precision: Precision = option(
         "auto",
-        "auto | no (= fp32) | bf16 | fp16; auto: bf16 on GPUs and CPUs that multiply it natively, fp16 on "
-        "older GPUs (with a grad scaler), else fp32",
-        choices=PRECISIONS,
+        "no = fp32; auto: bf16 on GPUs and CPUs that multiply it natively, fp16 on older GPUs (with a "
+        "grad scaler), else fp32",
     )
     allow_tf32: bool = option(False, "TF32 matmuls on Ampere+ GPUs")
     compile: bool = option(False, "torch.compile the diffusion model (slower on small CPU models)")
@@ -198,17 +285,18 @@ class RunOptions:
     sample_cfg_scale: float = option(4.0, "CFG scale for preview grids")
     eval_every: int = option(0, "score the EMA model every N steps during training (0 disables)")
     eval_ref: str = option("", "reference for --eval-every: images, shards, .npz or statistics")
-    eval_metrics: str = option("fid", "metrics for --eval-every (fid,is,prc,fd-dinov2)")
+    eval_metrics: CommaList[EvalMetric] = option(
+        "fid", "metrics for --eval-every (fd: a feature space given in code)"
+    )
     eval_num_samples: int = option(5000, "samples per --eval-every evaluation")
     eval_num_steps: int = option(50, "Euler ODE steps for --eval-every samples")
     eval_cfg_scale: float = option(1.0, "CFG scale for --eval-every samples")
-    report_to: str = option(
-        "", "extra loggers: comma list of wandb, tensorboard (metrics.jsonl is always written)"
-    )
+    report_to: CommaList[Logger] = option("", "extra loggers (metrics.jsonl is always written)")
     wandb_project: str = option("repa", "wandb project")
-    wandb_mode: str = option("online", "wandb mode: online | offline", choices=("online", "offline"))
+    wandb_mode: WandbMode = option("online", "wandb mode")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.method and self.method not in METHODS:
             raise ValueError(f"--method {self.method!r} is not one of {', '.join(METHODS)}")
         if self.max_train_steps < 0:
@@ -222,9 +310,6 @@ class RunOptions:
             )
         if self.eval_every and not self.eval_ref:
             raise ValueError("--eval-every needs --eval-ref (reference images, shards, .npz or statistics)")
-        loggers = {name.strip() for name in self.report_to.split(",") if name.strip()}
-        if loggers - {"wandb", "tensorboard"}:
-            raise ValueError(f"--report-to: unknown logger(s) {sorted(loggers - {'wandb', 'tensorboard'})}")
 
 
 SECTIONS: dict[str, type] = {
@@ -322,7 +407,7 @@ class ExperimentConfig:
                 )
             types = {f.name: f for f in dataclasses.fields(section_type)}
             sections[name] = section_type(
-                **{key: _coerce(types[key], value, name) for key, value in section_values.items()}
+                **{key: _coerce(section_type, types[key], value) for key, value in section_values.items()}
             )
         return cls(**sections)
 
@@ -331,11 +416,13 @@ class ExperimentConfig:
 # Flags
 
 
-def _coerce(f: dataclasses.Field, value: Any, section: str) -> Any:
-    """YAML values to the field's type. PyYAML reads `1e-4` (no dot) as a string, for example."""
-    if value is None:
-        return None
-    convert = _value_type(f)
+def _coerce(section_type: type, f: dataclasses.Field, value: Any) -> Any:
+    """YAML values to the field's type. PyYAML reads `1e-4` (no dot) as a string, for example.
+    Values of fixed-set fields pass unchanged: the section's `check_choice` judges them."""
+    if value is None or _choices(section_type, f.name) is not None:
+        return value
+    section = _section_name(section_type)
+    convert = _value_type(section_type, f)
     if convert is str:
         return value if isinstance(value, str) else str(value)
     if isinstance(value, bool) and convert is not _parse_bool:
@@ -370,15 +457,34 @@ def _parse_bool(text: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def _value_type(f: dataclasses.Field):
-    annotation = str(f.type)
-    if annotation.startswith("bool"):
-        return _parse_bool
-    if annotation.startswith("int"):
-        return int
-    if annotation.startswith("float"):
-        return float
-    return str
+def _value_type(section_type: type, f: dataclasses.Field):
+    """The parser of a field's values, from its annotation (`X | None` reads as X)."""
+    hint = _hints(section_type)[f.name]
+    if isinstance(hint, UnionType):
+        hint = next(arg for arg in get_args(hint) if arg is not type(None))
+    return {bool: _parse_bool, int: int, float: float}.get(hint, str)
+
+
+def _help(section_type: type, f: dataclasses.Field) -> str:
+    """A field's help text, ending with its valid values when they are a fixed set."""
+    choices = _choices(section_type, f.name)
+    if choices is None:
+        return f.metadata["help"]
+    valid, is_list = choices
+    return f"{f.metadata['help']}; {'comma list of' if is_list else 'one of'}: {', '.join(valid)}"
+
+
+def _checked_by(parser: argparse.ArgumentParser, section_type: type, f: dataclasses.Field):
+    """The argparse `type` of a fixed-set flag: `check_choice`, its message as the parser's error."""
+
+    def check(text: str) -> str:
+        try:
+            check_choice(section_type, f.name, text)
+        except ValueError as error:
+            parser.error(str(error))
+        return text
+
+    return check
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -386,17 +492,21 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="YAML preset (e.g. configs/repa_sit_xl2.yaml)")
     groups = {name: parser.add_argument_group(name) for name in SECTIONS}
     for section_name, f in iter_options():
+        section_type = SECTIONS[section_name]
         kwargs: dict[str, Any] = dict(
-            dest=f"{section_name}.{f.name}", default=argparse.SUPPRESS, help=f.metadata["help"]
+            dest=f"{section_name}.{f.name}", default=argparse.SUPPRESS, help=_help(section_type, f)
         )
-        value_type = _value_type(f)
+        value_type = _value_type(section_type, f)
+        choices = _choices(section_type, f.name)
         if value_type is _parse_bool:
             # `--random-flip` alone means true; `--random-flip false` also works.
             kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
+        elif choices is not None:
+            kwargs.update(type=_checked_by(parser, section_type, f))
+            if not choices[1]:  # a single value: --help shows {a,b}
+                kwargs["choices"] = choices[0]
         else:
             kwargs.update(type=value_type)
-            if f.metadata.get("choices"):
-                kwargs["choices"] = f.metadata["choices"]
         groups[section_name].add_argument(_flag_name(f), *f.metadata.get("aliases", ()), **kwargs)
     # REPA's --resume-step N: resume from that step's checkpoint.
     parser.add_argument("--resume-step", type=int, default=None, help="REPA alias: resume from this step")
@@ -436,7 +546,8 @@ def config_reference_markdown() -> str:
     for section_name, f in iter_options():
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         aliases = ", ".join(f"`{a}`" for a in f.metadata.get("aliases", ()))
-        help_text = f.metadata["help"].replace("|", "\\|")  # a bare | would split the table cell
+        # A bare | would split the table cell.
+        help_text = _help(SECTIONS[section_name], f).replace("|", "\\|")
         cells = [f"`{_flag_name(f)}`", aliases, f"`{json.dumps(default)}`", section_name, help_text]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
