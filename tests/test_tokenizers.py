@@ -307,6 +307,27 @@ def test_wrong_and_truncated_files_fail_clearly(tmp_path):
         create_tokenizer("f8d4", weights=path, arch_overrides=TINY["f8d4"])
 
 
+def test_ldm_layout_sd_vae_file_loads_and_refuses_an_unexpected_key_alone(tmp_path):
+    """An SD-VAE file in the original LDM layout goes through diffusers' converter, which drops keys
+    it has no rule for: one extra key next to a complete, well-shaped state dict must still be
+    refused by name. The bookkeeping that such files carry (loss modules, EMA counters) is not."""
+    ours = LDMAutoencoderKL(LDMConfig(ch=32, ch_mult=(1, 1, 2, 2), z_channels=4)).eval()
+    state_dict = ours.state_dict()
+    path = tmp_path / "vae-ft-mse-ldm.pt"
+    extras = {"loss.logvar": torch.zeros(()), "model_ema.decay": torch.tensor(0.9999)}
+    torch.save({"state_dict": {**state_dict, **extras}}, path)
+    loaded = create_tokenizer("sd-vae-ft-mse", weights=path, arch_overrides=TINY["sd-vae-ft-mse"])
+    images = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        expected_mean, _ = ours.encode(images)
+        torch.testing.assert_close(loaded.autoencoder.encode(images).latent_dist.mean, expected_mean)
+
+    for extra in ("encoder.extra.weight", "decoder.up.1.upsample.conv.extra"):
+        torch.save({"state_dict": {**state_dict, extra: torch.zeros(3)}}, path)
+        with pytest.raises(ValueError, match=rf"unexpected keys: {extra.replace('.', '[.]')}$"):
+            create_tokenizer("sd-vae-ft-mse", weights=path, arch_overrides=TINY["sd-vae-ft-mse"])
+
+
 def test_missing_weights_offline_name_the_file_and_the_flag(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

@@ -32,6 +32,7 @@ import torch
 
 from repa.tokenizers.base import LOGVAR_MIN, LatentNorm, Tokenizer, images_to_float
 from repa.tokenizers.checkpoint import (
+    DROPPED_PREFIXES,
     default_cache_dir,
     hub_offline,
     load_state_dict_strict,
@@ -347,6 +348,37 @@ def _rename_deprecated_attention(state_dict: dict) -> dict:
     return out
 
 
+# Bookkeeping scalars that LDM-layout VAE files may carry next to the weights (the EMA's decay and
+# update count; other loaders ignore them too): not part of the network, dropped like "loss." keys.
+LDM_BOOKKEEPING_KEYS = ("model_ema.decay", "model_ema.num_updates")
+
+
+def _convert_ldm_layout(state_dict: dict, config: dict, source: str) -> dict:
+    """LDM key names -> diffusers' (diffusers' own converter), refusing keys it has no place for.
+
+    The converter takes the keys it has a rule for and silently drops the rest, so an unexpected
+    key would vanish before the strict load that follows could report it. It moves tensors (renamed,
+    attention weights reshaped as views) and never copies them, so an input tensor whose memory no
+    output tensor uses is one it dropped.
+    """
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    state_dict = {
+        k: v
+        for k, v in state_dict.items()
+        if not k.startswith(DROPPED_PREFIXES) and k not in LDM_BOOKKEEPING_KEYS
+    }
+    converted = convert_ldm_vae_checkpoint(state_dict, config)
+    used = {v.untyped_storage().data_ptr() for v in converted.values()}
+    dropped = sorted(k for k, v in state_dict.items() if v.untyped_storage().data_ptr() not in used)
+    if dropped:
+        shown = ", ".join(dropped[:6]) + (f" ... ({len(dropped)} in all)" if len(dropped) > 6 else "")
+        raise ValueError(
+            f"{source} does not match the AutoencoderKL architecture (LDM layout); unexpected keys: {shown}"
+        )
+    return converted
+
+
 def _build_diffusers(
     spec: TokenizerSpec,
     pretrained: bool,
@@ -376,9 +408,7 @@ def _build_diffusers(
             read_checkpoint(weights_file), _looks_like_autoencoder, str(weights_file)
         )
         if _is_ldm_layout(state_dict):
-            from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
-            state_dict = convert_ldm_vae_checkpoint(state_dict, config)
+            state_dict = _convert_ldm_layout(state_dict, config, source=f"checkpoint {weights_file}")
         autoencoder = AutoencoderKL(**config)
         load_state_dict_strict(
             autoencoder, _rename_deprecated_attention(state_dict), source=f"checkpoint {weights_file}"
