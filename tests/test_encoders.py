@@ -364,6 +364,44 @@ def test_wrong_or_truncated_weights_fail_clearly(tmp_path):
         create_encoder("dinov2-b", weights=str(tmp_path / "absent.pth"), arch_overrides=TINY)
 
 
+@pytest.mark.parametrize("layout", ["timm", "dinov2-torch-hub", "local-file"])
+def test_an_unexpected_key_alone_is_refused_by_name(tmp_path, layout):
+    """Every expected key present with its shape, plus one the model lacks: the strict check must
+    refuse the file and name the key. (A check that looked only at missing keys and shapes, or a
+    layout adapter that kept only the keys it knows, would load it.)"""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path, kwargs = tmp_path / "weights.pth", dict(arch_overrides=TINY)
+    if layout == "timm":
+        name, extra = "dinov2-b", "blocks.0.attn.extra_scale"
+        state = dict(create_encoder(name, pretrained=False, arch_overrides=TINY).vit.state_dict())
+        torch.save({**state, extra: torch.zeros(1)}, path)
+        kwargs["weights"] = str(path)
+    elif layout == "dinov2-torch-hub":
+        name, extra = "dinov2-s", "blocks.0.ls1.extra"
+        native = build_timm_vit(get_encoder_spec(name).timm_arch, img_size=518, **TINY)
+        state = _fair_dinov2_checkpoint(native)  # converted on load (FAIR key names, class position)
+        torch.save({**state, extra: torch.zeros(1)}, path)
+        kwargs["weights"] = str(path)
+    else:
+        arch_kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=2, num_classes=0)
+        path = tmp_path / "local.safetensors"
+        save_local_encoder(
+            str(path), build_local_vit("vit_tiny_patch16_224", arch_kwargs), arch="vit_tiny_patch16_224",
+            arch_kwargs=arch_kwargs, mean=(0.5,) * 3, std=(0.5,) * 3, input_size=32, patch_size=8,
+        )  # fmt: skip
+        create_encoder(str(path))  # the file as written loads
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata()
+        name, extra, kwargs = str(path), "extra_token", {}  # a local file holds its architecture
+        save_file({**load_file(str(path)), extra: torch.zeros(1, 1, 48)}, str(path), metadata)
+    with pytest.raises(
+        EncoderWeightsError, match=rf"missing 0 \(\); unexpected 1 \({extra}\); shape mismatches 0"
+    ):
+        create_encoder(name, **kwargs)
+
+
 @pytest.mark.parametrize(
     "name, needed",
     [
