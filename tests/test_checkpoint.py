@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,6 +154,18 @@ def test_atomic_write_replaces_the_target_only_when_the_writer_succeeds(tmp_path
         torch.save({"x": torch.ones(2)}, tmp)  # writers that need a path
     assert torch.equal(torch.load(target, weights_only=True)["x"], torch.ones(2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["record.json"]
+
+
+def test_files_are_renamed_into_place_only_by_the_shared_helper():
+    """One atomic-write protocol: a module renaming its own temporary file would bypass it (the
+    checkpoint save renames a whole staging folder, which is its protocol)."""
+    package = Path(runs.__file__).parent
+    renaming = sorted(
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        if "os.replace(" in path.read_text() or ".rename(" in path.read_text()
+    )
+    assert renaming == ["train/checkpoint.py", "utils/files.py"]
 
 
 def test_stale_temporaries_are_the_names_the_writer_uses(tmp_path):

@@ -20,6 +20,7 @@ from repa.data.build import build_shards, center_crop_adm, file_sha256
 from repa.data.stream import iter_eval_batches
 from repa.data.synthetic import class_name, render_image, write_synthetic_dataset
 from repa.data.verify import inspect_shards, verify_shards
+from repa.utils.files import temporary_path
 from tests.test_data_fakes import FakeEncoder, FakeTokenizer
 
 NUM_IMAGES, RESOLUTION, NUM_CLASSES = 40, 16, 4
@@ -309,11 +310,15 @@ def test_interrupted_build_leaves_no_partial_shard_and_resumes(image_folder, tmp
     )
     assert resumed.shards_skipped == ["train-000000.tar"]
     assert resumed.shards_written == ["train-000001.tar", "train-000002.tar"]
-    # A damaged shard is rebuilt; an intact one is kept; a leftover temporary file is removed.
+    # A damaged shard is rebuilt; an intact one is kept; leftover temporary files are removed:
+    # the names the atomic-write helper gives a killed process's shard and sidecar, and the
+    # names of builds before it.
     good = (out / "train-000002.tar").read_bytes()
     with open(out / "train-000001.tar", "r+b") as handle:
         handle.truncate(1000)
-    (out / "train-000002.tar.tmp-99999").write_bytes(b"partial")
+    leftovers = [temporary_path(out / name) for name in ("train-000002.tar", "train-000002.json")]
+    for leftover in [*leftovers, out / "train-000002.tar.tmp-99999"]:
+        leftover.with_name(leftover.name.replace(f"tmp-{os.getpid()}", "tmp-99999")).write_bytes(b"partial")
     again = build_shards(
         str(image_folder), out, resolution=RESOLUTION, shard_size=16, workers=0, tokenizer=FakeTokenizer()
     )

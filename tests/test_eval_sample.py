@@ -205,6 +205,18 @@ def test_npz_layout_nhwc_uint8_and_rounding(tmp_path):
         sample_to_npz(generator, output, num_samples=6, settings=FAST, batch_size=2, chunk_size=2)
 
 
+def test_a_failed_npz_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    from repa.eval.npz import write_npz_streaming
+
+    images = np.zeros((4, 2, 2, 3), np.uint8)
+    path = write_npz_streaming(tmp_path / "set.npz", images.shape, [images])
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="wrote 2 rows, expected 4"):
+        write_npz_streaming(path, images.shape, [np.ones((2, 2, 2, 3), np.uint8)])
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["set.npz"]
+
+
 def test_interrupted_sampling_resumes_without_duplicates(tmp_path):
     generator = tiny_generator()
     options = dict(num_samples=11, settings=FAST, chunk_size=3)

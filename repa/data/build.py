@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image
 
 from repa.data import shards as fmt
-from repa.utils.files import file_sha256
+from repa.utils.files import atomic_path, file_sha256, stale_temporaries, write_bytes_atomic
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".gif")
 TAR_IMAGE_SUFFIXES = ("png", "jpg", "jpeg", "webp")
@@ -406,8 +406,11 @@ def build_shards(
             json.dumps([content_options, [(it.key, it.label) for it in shard_items]]).encode()
         ).hexdigest()
         name = fmt.shard_name(prefix, index)
-        for stale in output_dir.glob(f"{name}.tmp-*"):  # left by an interrupted run of this rank
-            stale.unlink()
+        # Left by an interrupted run of this rank; `NAME.tmp-PID` is what builds wrote before
+        # the shared atomic-write helper, whose names are hidden.
+        stale = [*stale_temporaries(output_dir / name), *stale_temporaries(_sidecar_path(output_dir, name))]
+        for path in stale + list(output_dir.glob(f"{name}.tmp-*")):
+            path.unlink()
         if _shard_is_complete(output_dir, name, fingerprint):
             result.shards_skipped.append(name)
         else:
@@ -472,9 +475,7 @@ def _shard_is_complete(output_dir: Path, name: str, fingerprint: str) -> bool:
 
 
 def _write_json_atomic(path: Path, record: dict[str, Any]) -> None:
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(temporary, path)
+    write_bytes_atomic(path, (json.dumps(record, indent=1) + "\n").encode())
 
 
 def _write_shard(
@@ -508,25 +509,17 @@ def _write_shard(
 
     name = fmt.shard_name(prefix, index)
     final = output_dir / name
-    temporary = output_dir / f"{name}.tmp-{os.getpid()}"
     counts = Counter(item.label for item in items)
-    try:
-        with open(temporary, "wb") as handle:
-            writer = _HashingWriter(handle)
-            with tarfile.open(fileobj=writer, mode="w|", format=tarfile.USTAR_FORMAT) as archive:
-                for position, (item, (png, _)) in enumerate(zip(items, samples)):
-                    base = f"{index:06d}{position:06d}"  # unique across shards, sorts in build order
-                    _add_member(archive, f"{base}.{fmt.IMAGE}", png)
-                    _add_member(archive, f"{base}.{fmt.LABEL}", str(item.label).encode())
-                    _add_member(archive, f"{base}.{fmt.SOURCE_KEY}", item.key.encode())
-                    for suffix, values in caches.items():
-                        _add_member(archive, f"{base}.{suffix}", fmt.npy_bytes(values[position]))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, final)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+    with atomic_path(final) as temporary, open(temporary, "wb") as handle:
+        writer = _HashingWriter(handle)
+        with tarfile.open(fileobj=writer, mode="w|", format=tarfile.USTAR_FORMAT) as archive:
+            for position, (item, (png, _)) in enumerate(zip(items, samples)):
+                base = f"{index:06d}{position:06d}"  # unique across shards, sorts in build order
+                _add_member(archive, f"{base}.{fmt.IMAGE}", png)
+                _add_member(archive, f"{base}.{fmt.LABEL}", str(item.label).encode())
+                _add_member(archive, f"{base}.{fmt.SOURCE_KEY}", item.key.encode())
+                for suffix, values in caches.items():
+                    _add_member(archive, f"{base}.{suffix}", fmt.npy_bytes(values[position]))
     _write_json_atomic(
         _sidecar_path(output_dir, name),
         {

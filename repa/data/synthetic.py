@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from repa.utils.files import write_bytes_atomic
+
 SHAPES = ("disk", "square", "triangle", "ring", "cross", "diamond", "bar", "ellipse")
 TEXTURES = ("solid", "stripes", "checker")
 GOLDEN_RATIO_CONJUGATE = 0.6180339887498949  # successive hues spread evenly round the circle
@@ -138,8 +140,6 @@ def write_synthetic_dataset(
         # compress_level fixed so the bytes do not depend on Pillow's default.
         Image.fromarray(pixels).save(buffer, format="PNG", compress_level=6)
         path = output_dir / names[label] / f"{index:0{width}d}.png"
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_bytes(buffer.getvalue())
-        os.replace(temporary, path)
+        write_bytes_atomic(path, buffer.getvalue(), durable=False)  # regenerable: no fsync per image
         counts[names[label]] += 1
     return counts

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from repa.utils.files import atomic_path
+
 
 def write_npz_streaming(
     path: str | os.PathLike,
@@ -34,39 +36,34 @@ def write_npz_streaming(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     dtype = np.dtype(dtype)
     row_shape = tuple(shape[1:])
     rows_written = 0
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
-                header = {
-                    "descr": np.lib.format.dtype_to_descr(dtype),
-                    "fortran_order": False,
-                    "shape": shape,
-                }
-                np.lib.format.write_array_header_2_0(member, header)
-                for chunk in chunks:
-                    chunk = np.ascontiguousarray(chunk)
-                    if chunk.dtype != dtype or tuple(chunk.shape[1:]) != row_shape:
-                        raise ValueError(
-                            f"chunk of {chunk.dtype} {chunk.shape} does not fit an array of {dtype} {shape}"
-                        )
-                    member.write(chunk.tobytes())
-                    rows_written += chunk.shape[0]
-            if rows_written != shape[0]:
-                raise ValueError(f"wrote {rows_written} rows, expected {shape[0]}")
-            extra = extra() if callable(extra) else extra
-            for key, value in (extra or {}).items():
-                with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.ascontiguousarray(value), allow_pickle=False)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with (
+        atomic_path(path) as tmp,
+        zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive,
+    ):
+        with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+            header = {
+                "descr": np.lib.format.dtype_to_descr(dtype),
+                "fortran_order": False,
+                "shape": shape,
+            }
+            np.lib.format.write_array_header_2_0(member, header)
+            for chunk in chunks:
+                chunk = np.ascontiguousarray(chunk)
+                if chunk.dtype != dtype or tuple(chunk.shape[1:]) != row_shape:
+                    raise ValueError(
+                        f"chunk of {chunk.dtype} {chunk.shape} does not fit an array of {dtype} {shape}"
+                    )
+                member.write(chunk.tobytes())
+                rows_written += chunk.shape[0]
+        if rows_written != shape[0]:
+            raise ValueError(f"wrote {rows_written} rows, expected {shape[0]}")
+        extra = extra() if callable(extra) else extra
+        for key, value in (extra or {}).items():
+            with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.ascontiguousarray(value), allow_pickle=False)
     return path
 
 

@@ -29,6 +29,7 @@ import torch
 
 from repa.eval.frechet import Gaussian
 from repa.eval.npz import iter_npz_rows, npz_members
+from repa.utils.files import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 STATS_MARKER = "repa_reference_stats"
@@ -155,10 +156,8 @@ class ReferenceStats:
             arrays[f"{key}::features"] = values
         meta = {"source": self.source, "count": self.count, "keys": sorted(self.gaussians)}
         arrays[STATS_MARKER] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as handle:  # a file handle: np.savez would append .npz to the name
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:  # a handle: np.savez would append .npz
             np.savez(handle, **arrays)
-        os.replace(tmp, path)
         return path
 
     @classmethod

@@ -37,6 +37,7 @@ from repa.eval.checkpoints import Generator
 from repa.eval.npz import iter_npz_rows, write_npz_streaming
 from repa.precision import CHOICES as PRECISION_CHOICES
 from repa.precision import resolve_precision
+from repa.utils.files import atomic_path, write_bytes_atomic
 
 LABEL_SCHEMES = ("balanced", "random")
 _BALANCED_STREAM, _RANDOM_STREAM = 1, 2
@@ -189,12 +190,8 @@ def _chunk_path(parts_dir: Path, chunk: int) -> Path:
 
 
 def _save_atomic(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:  # a handle: np.savez would append .npz
         np.savez(handle, **arrays)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def prepare_parts(parts_dir: Path, record: dict) -> None:
@@ -214,9 +211,7 @@ def prepare_parts(parts_dir: Path, record: dict) -> None:
 
 
 def _write_json_atomic(path: Path, record: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    write_bytes_atomic(path, json.dumps(record, indent=1, sort_keys=True).encode())
 
 
 def pending_chunks(parts_dir: Path, num_samples: int, chunk_size: int) -> list[int]:

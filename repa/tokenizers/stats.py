@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from repa.tokenizers.base import LatentNorm, Tokenizer
+from repa.utils.files import atomic_path
 
 
 class ChannelMoments:
@@ -100,9 +101,8 @@ def save_latent_stats(path: str | os.PathLike, mean: torch.Tensor, std: torch.Te
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(stats, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(stats, tmp)
     return path
 
 
