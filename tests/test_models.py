@@ -233,6 +233,20 @@ def test_strict_load_reports_what_differs():
     assert "pos_embed" in message and "shape" in message
 
 
+def test_strict_load_refuses_an_unexpected_key_alone():
+    """Every key of the model with its shape, plus one it lacks (also under a DDP prefix, which the
+    loader strips): refused, naming the key. The test above also drops a key and breaks a shape, so
+    it raises even where unexpected keys are ignored."""
+    model = create_model("SiT-S/2", input_size=8, projector_out_dims=[16], **TINY)
+    for extra in ("extra.weight", "module.extra.weight"):
+        state = {**model.state_dict(), extra: torch.zeros(1)}
+        with pytest.raises(ValueError) as info:
+            load_state_dict_strict(model, state)
+        message = str(info.value)
+        assert "unexpected: extra.weight" in message
+        assert "missing" not in message and "shape" not in message
+
+
 @pytest.mark.parametrize(
     "overrides, words",
     [
