@@ -61,7 +61,6 @@ Logger = Literal["wandb", "tensorboard"]  # repa.train.logging
 EvalMetric = Literal["fid", "sfid", "is", "prc", "fd-dinov2", "fd"]  # repa.eval.metrics.METRICS
 WandbMode = Literal["online", "offline"]
 
-METHODS = ("sit", "repa", "repa-e", "ldm")
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 TIME_SAMPLER_NAMES: tuple[str, ...] = get_args(TimeSamplerName)
 EVAL_METRICS: tuple[str, ...] = get_args(EvalMetric)
@@ -255,7 +254,9 @@ class VAEOptions(_Section):
 @dataclass
 class RunOptions(_Section):
     method: str = option(
-        "", "sit | repa | repa-e | ldm (default: repa with an encoder, sit without)", choices=None
+        "",
+        "training method from the registry (repa/train/methods): sit | repa | repa-e | ldm (default: repa "
+        "with an encoder, sit without)",
     )
     output_dir: str = option("runs", "parent directory of run directories")
     exp_name: str = option("", "run directory name under --output-dir (default: derived from the config)")
@@ -297,8 +298,6 @@ class RunOptions(_Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.method and self.method not in METHODS:
-            raise ValueError(f"--method {self.method!r} is not one of {', '.join(METHODS)}")
         if self.max_train_steps < 0:
             raise ValueError(f"--max-train-steps must be >= 0, got {self.max_train_steps}")
         if self.checkpointing_steps < 1:
@@ -343,16 +342,11 @@ class ExperimentConfig:
         return "repa" if self.encoder.enabled else "sit"
 
     def validate(self) -> ExperimentConfig:
-        """Checks across sections that need no weights or data. Returns self."""
-        method = self.method
-        if method in ("repa", "repa-e") and not self.encoder.enabled:
-            raise ValueError(
-                f"--method {method} aligns to an encoder: set --encoder (e.g. dinov2-b), or use sit"
-            )
-        if method == "sit" and self.encoder.enabled:
-            raise ValueError("--method sit trains without alignment: use --encoder none, or --method repa")
-        if method == "repa-e" and self.tokenizer.tokenizer == "pixels":
-            raise ValueError("--method repa-e trains a VAE end to end: choose a VAE tokenizer, not pixels")
+        """Checks across sections that need no weights or data, the training method's included.
+        Returns self."""
+        from repa.train.methods import get_method  # the registry of names imports no torch
+
+        get_method(self.method).check_config(self)
         if self.data.batch_size % self.optim.gradient_accumulation_steps:
             raise ValueError(
                 f"--batch-size {self.data.batch_size} is not divisible by "
@@ -379,7 +373,6 @@ class ExperimentConfig:
             qk_norm=self.model.qk_norm,
             projector_out_dims=list(projector_dims),
             in_channels=in_channels,
-            latent_batchnorm=self.method == "repa-e",
         )
         if input_size is not None:
             overrides["input_size"] = input_size

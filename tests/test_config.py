@@ -224,7 +224,7 @@ def test_readme_reference_is_generated_from_the_config():
 
 
 def test_learning_rate_schedules():
-    from repa.train.loop import lr_at
+    from repa.train.optim import lr_at
 
     config = parse(["--learning-rate", "1e-3", "--lr-warmup-steps", "10", "--max-train-steps", "110"])
     assert [lr_at(s, config) for s in (0, 4, 9)] == pytest.approx([1e-4, 5e-4, 1e-3])

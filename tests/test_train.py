@@ -163,73 +163,61 @@ def test_killed_process_resumes_to_identical_weights(shards, tmp_path):
     assert_states_equal(final_state(tmp_path / "reference" / "run"), final_state(tmp_path / "killed" / "run"))
 
 
-def test_sigterm_saves_and_exits(shards, tmp_path):
+def test_sigterm_saves_and_exits(shards, tmp_path, monkeypatch):
     config = tiny_config(shards, tmp_path, max_train_steps=1000, checkpointing_steps=1000)
     # Deliver SIGTERM to ourselves once training has started: the handler only sets a flag; the
     # loop agrees on it, saves one checkpoint and returns.
-    from repa.train import loop
+    from repa.train.step import StepRunner
 
-    original = loop.lr_at
+    original = StepRunner.run
 
-    def lr_with_signal(step, cfg):
+    def run_with_signal(self, step, *args):
         if step == 5:
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(step, cfg)
+        return original(self, step, *args)
 
-    loop.lr_at = lr_with_signal
-    try:
-        result = train(config)
-    finally:
-        loop.lr_at = original
+    monkeypatch.setattr(StepRunner, "run", run_with_signal)
+    result = train(config)
     assert result.preempted and result.step == 6
     assert ckpt.latest_checkpoint(result.run_dir / "checkpoints").name == "step-00000006"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
 
 
-def test_nonfinite_steps_are_skipped_then_stop_the_run(shards, tmp_path):
-    from repa.train import methods
+def test_nonfinite_steps_are_skipped_then_stop_the_run(shards, tmp_path, monkeypatch):
+    from repa.train.methods.denoising import DenoisingMethod
 
-    original = methods.DenoisingMethod.loss
+    original = DenoisingMethod.model_loss
     calls = {"n": 0}
 
-    def poisoned(self, model, inputs):
-        loss, metrics = original(self, model, inputs)
+    def poisoned(self, *args):
+        item = original(self, *args)
         calls["n"] += 1
         if calls["n"] in (3,) or calls["n"] >= 6:
-            loss = loss * float("nan")
-        return loss, metrics
+            item.loss = item.loss * float("nan")
+        return item
 
-    methods.DenoisingMethod.loss = poisoned
-    try:
-        with pytest.raises(NonFiniteError, match="3 non-finite steps in a row"):
-            train(
-                tiny_config(
-                    shards, tmp_path, max_train_steps=20, checkpointing_steps=4, max_nonfinite_steps=3
-                )
-            )
-    finally:
-        methods.DenoisingMethod.loss = original
+    monkeypatch.setattr(DenoisingMethod, "model_loss", poisoned)
+    with pytest.raises(NonFiniteError, match="3 non-finite steps in a row"):
+        train(tiny_config(shards, tmp_path, max_train_steps=20, checkpointing_steps=4, max_nonfinite_steps=3))
     records = read_metrics(tmp_path / "run")
     assert records[2]["nonfinite_steps"] == 1  # step 3 skipped and counted, training went on
     # the checkpoint at step 4 exists; nothing was written after the failures began at step 6
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")] == [4]
 
 
-def test_skipped_step_leaves_weights_untouched(shards, tmp_path):
-    from repa.train import methods
+def test_repeated_nonfinite_steps_write_no_checkpoint(shards, tmp_path, monkeypatch):
+    from repa.train.methods.denoising import DenoisingMethod
 
-    original = methods.DenoisingMethod.loss
+    original = DenoisingMethod.model_loss
 
-    def infinite(self, model, inputs):
-        loss, metrics = original(self, model, inputs)
-        return loss * float("inf"), metrics
+    def infinite(self, *args):
+        item = original(self, *args)
+        item.loss = item.loss * float("inf")
+        return item
 
-    methods.DenoisingMethod.loss = infinite
-    try:
-        with pytest.raises(NonFiniteError):
-            train(tiny_config(shards, tmp_path / "a", max_train_steps=4, max_nonfinite_steps=2))
-    finally:
-        methods.DenoisingMethod.loss = original
+    monkeypatch.setattr(DenoisingMethod, "model_loss", infinite)
+    with pytest.raises(NonFiniteError):
+        train(tiny_config(shards, tmp_path / "a", max_train_steps=4, max_nonfinite_steps=2))
     assert ckpt.list_checkpoints(tmp_path / "a" / "run" / "checkpoints") == []
 
 

@@ -85,13 +85,20 @@ class LabelEmbedder(nn.Module):
         # REPA/DiT keep the null row even when dropout is 0, so published tables have num_classes + 1 rows.
         self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
 
-    def drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
-        drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+    def drop_labels(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if force_drop_ids is None:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop = force_drop_ids.to(device=labels.device, dtype=torch.bool)
         return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
-    def forward(self, labels: torch.Tensor, train: bool) -> torch.Tensor:
-        if train and self.dropout_prob > 0:
-            labels = self.drop_labels(labels)
+    def forward(
+        self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """force_drop_ids: (B,) bool, which labels to drop, in place of the embedder's own draw
+        (DiT's argument; the training step draws it with the rest of the step's randomness)."""
+        if force_drop_ids is not None or (train and self.dropout_prob > 0):
+            labels = self.drop_labels(labels, force_drop_ids)
         return self.embedding_table(labels)
 
 

@@ -204,22 +204,34 @@ class SiT(nn.Module):
                 f"got {tuple(x.shape)}"
             )
 
-    def _embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _embed(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_input(x)
         tokens = self.x_embedder(x) + self.pos_embed  # (B, T, D)
-        c = self.t_embedder(t) + self.y_embedder(y, train=self.training)  # (B, D)
+        c = self.t_embedder(t) + self.y_embedder(
+            y, train=self.training, force_drop_ids=force_drop_ids
+        )  # (B, D)
         return tokens, c
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, align_only: bool = False
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        align_only: bool = False,
+        force_drop_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """Velocity and projected alignment tokens.
 
         x: (B, C, H, W) noisy latents; t: (B,) times in [0, 1]; y: (B,) int64 labels.
         align_only: run only the blocks up to the alignment tap and return (None, projections);
         REPA-E's VAE step needs nothing else, and skipping the rest saves most of the pass.
+        force_drop_ids: (B,) bool, labels replaced by the null class (classifier-free guidance
+        training), in place of the model's own draw in train mode.
         """
-        tokens, c = self._embed(x, t, y)
+        tokens, c = self._embed(x, t, y, force_drop_ids)
         projections: list[torch.Tensor] = []
         for depth, block in enumerate(self.blocks, start=1):
             tokens = block(tokens, c)

@@ -1,9 +1,10 @@
 """The training loop: one function of a typed config, for every method, one CPU to many nodes.
 
 `train(config)` knows nothing of the command line. Resuming is rerunning the same command: with
-`resume=auto` the newest complete checkpoint is loaded. Per-method arithmetic lives in
-repa/train/methods.py; this file owns devices, precision, distribution, the data stream,
-checkpoints, pre-emption, non-finite steps, logging and preview samples.
+`resume=auto` the newest complete checkpoint is loaded. A method (repa/train/methods/) owns its
+step maths and state; the step policy every method shares is repa/train/step.py; this file owns
+devices, precision, distribution, the data stream, checkpoints, pre-emption, logging and
+preview samples.
 
 Determinism: every process reseeds torch from (seed, rank, step) before each step, and the data
 stream is rebuilt from (seed, rank, batches consumed) after every periodic checkpoint, so a run
@@ -15,10 +16,7 @@ periodic ones resumes with a fresh deterministic stream that does not replay see
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
 import json
-import math
 import os
 import platform
 import shutil
@@ -35,14 +33,12 @@ from repa.precision import PrecisionChoice, resolve_precision
 from repa.train import checkpoint as ckpt
 from repa.train.ema import EMA
 from repa.train.logging import MetricsLogger
-from repa.train.setup import (
-    adamw,
-    build_method,
-    build_parts,
-    cached_fields,
-    init_latent_batchnorm,
-    read_shard_manifest,
-)
+from repa.train.methods import get_method
+from repa.train.methods.base import MethodContext
+from repa.train.optim import lr_at
+from repa.train.randomness import derive_seed
+from repa.train.setup import build_parts, cached_fields, read_shard_manifest
+from repa.train.step import StepRunner
 
 
 @dataclass
@@ -61,12 +57,6 @@ class NonFiniteError(RuntimeError):
     """Too many non-finite steps in a row: the run stops before writing a bad checkpoint."""
 
 
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (seed, rank, step, ...), stable across Python versions."""
-    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 def run_dir_for(config: ExperimentConfig) -> Path:
     """output_dir/exp_name; the default name is derived from the config, never from a counter,
     so rerunning a command finds its own run again."""
@@ -75,18 +65,6 @@ def run_dir_for(config: ExperimentConfig) -> Path:
         encoder = config.encoder.encoder.replace(",", "+") if config.encoder.enabled else "none"
         name = f"{config.method}-{config.model.name.replace('/', '')}-{encoder}-seed{config.run.seed}"
     return Path(config.run.output_dir) / name
-
-
-def lr_at(step: int, config: ExperimentConfig) -> float:
-    """Learning rate for optimiser step `step` (0-based): linear warmup, then constant or cosine."""
-    optim, total = config.optim, max(config.run.max_train_steps, 1)
-    base = optim.learning_rate
-    if optim.lr_warmup_steps and step < optim.lr_warmup_steps:
-        return base * (step + 1) / optim.lr_warmup_steps
-    if optim.lr_schedule == "cosine":
-        progress = (step - optim.lr_warmup_steps) / max(total - optim.lr_warmup_steps, 1)
-        return base * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return base
 
 
 class _StopFlag:
@@ -142,19 +120,6 @@ def _environment(world_size: int, precision: PrecisionChoice) -> dict:
     }
 
 
-def export_e2e_vae(tokenizer, ema_model, directory: Path) -> None:
-    """REPA-E's deliverable: the trained VAE and its latent statistics read from the EMA model's
-    BatchNorm, in the layout `--tokenizer PATH` (LDM-only training, sampling) loads."""
-    from repa.tokenizers import save_latent_stats
-
-    weights = {k: v.detach().cpu().contiguous() for k, v in tokenizer.autoencoder_state_dict().items()}
-    ckpt.save_file(weights, directory / "e2e-vae.pt")
-    bn = ema_model.bn
-    save_latent_stats(
-        directory / "e2e-vae-latents-stats.pt", bn.running_mean, torch.sqrt(bn.running_var + bn.eps)
-    )
-
-
 def warn_config_changes(saved: dict, current: dict, is_main: bool) -> None:
     """Resuming with other settings is allowed (e.g. more steps) but never silent."""
     changes = []
@@ -177,6 +142,7 @@ def train(config: ExperimentConfig) -> TrainResult:
     from repa.data.stream import make_train_stream
 
     config.validate()
+    method_class = get_method(config.method)
     # Every rank computes in the same precision: rank 0's choice (a CPU probe, or a mixed
     # cluster, could otherwise split the job). Every rank resolves, so a bad choice fails on all.
     distributed = PartialState(cpu=not torch.cuda.is_available())
@@ -184,16 +150,6 @@ def train(config: ExperimentConfig) -> TrainResult:
     precision = (
         broadcast_object_list(chosen, from_process=0)[0] if distributed.num_processes > 1 else chosen[0]
     )
-    if config.method == "repa-e" and precision.name == "fp16":
-        if config.run.mixed_precision == "fp16":
-            raise ValueError(
-                "--method repa-e trains three optimisers; use --mixed-precision bf16 or no, not fp16"
-            )
-        precision = dataclasses.replace(
-            precision, name="no", reason=precision.reason + "; --method repa-e cannot use fp16, so fp32"
-        )
-    if config.method == "repa-e" and config.optim.gradient_accumulation_steps != 1:
-        raise ValueError("--method repa-e does not support --gradient-accumulation-steps > 1")
     if not config.data.data:
         raise ValueError("--data is required: training shards (see `repa data build`)")
     check_local_shards(expand_shard_urls(config.data.data), hint=" (check --data)")
@@ -248,18 +204,15 @@ def train(config: ExperimentConfig) -> TrainResult:
     accelerator.wait_for_everyone()
 
     torch.manual_seed(derive_seed(config.run.seed, 0, -1))  # identical initial weights on every rank
-    tokenizer, encoders, model = build_parts(config, device)
-    if config.method == "repa-e":
-        tokenizer.unfreeze()
-        init_latent_batchnorm(model, tokenizer)
-        if world > 1 and torch.cuda.is_available():
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    tokenizer, encoders, model = build_parts(config, device, method_class.model_options)
+    method = method_class.build(MethodContext(config, tokenizer, encoders, model, device, world))
     ema = EMA(model, decay=config.optim.ema_decay)
-    optimizer = adamw([p for p in model.parameters() if p.requires_grad], config.optim.learning_rate, config)
-    method = build_method(config, tokenizer, encoders, model, accelerator)
+    groups = method.groups()
+    # fp16 needs loss scaling; one scaler serves every group (PyTorch's multi-optimiser recipe)
+    scaler = torch.amp.GradScaler(device.type) if precision.name == "fp16" else None
 
     # --- resume -----------------------------------------------------------------------------
-    step, nonfinite_total, scaler_state = 0, 0, None
+    step, nonfinite_total = 0, 0
     data_state: dict = {}  # this rank's stream counters at the checkpoint
     resume_from = ckpt.resolve_resume(config.run.resume, checkpoints_dir)
     if resume_from is not None:
@@ -269,10 +222,19 @@ def train(config: ExperimentConfig) -> TrainResult:
         warn_config_changes(state.get("config", {}), config.to_dict(), accelerator.is_main_process)
         model.load_state_dict(state["model"])
         ema.load_state_dict(load_file(resume_from / "ema.safetensors"))
-        optimizer.load_state_dict(state["optimizer"])
+        saved_optimizers = state["optimizers"]
+        missing = [group.name for group in groups if group.name not in saved_optimizers]
+        if missing:
+            raise ValueError(
+                f"{resume_from} has no optimiser state for parameter group(s) {missing} (it holds "
+                f"{sorted(saved_optimizers)}): was it written by another --method?"
+            )
+        for group in groups:
+            group.optimizer.load_state_dict(saved_optimizers[group.name])
         method.load_state_dict(state.get("method", {}))
         step, nonfinite_total = int(state["step"]), int(state.get("nonfinite_steps", 0))
-        scaler_state = state.get("scaler")
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         rng_file = resume_from / f"rng-rank{rank}.pt"
         if rng_file.exists():  # absent when the world size grew; the per-step reseed covers it
             rng_state = ckpt.load_file(rng_file)
@@ -280,10 +242,21 @@ def train(config: ExperimentConfig) -> TrainResult:
             data_state = rng_state.get("data", {})
 
     compiled = torch.compile(model) if config.run.compile else model
-    prepared_model, optimizer = accelerator.prepare(compiled, optimizer)
-    if scaler_state and accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(scaler_state)
-    unwrapped = model  # the module whose weights we save and average (accelerator.unwrap_model)
+    prepared_model = accelerator.prepare(compiled)
+    runner = StepRunner(
+        method,
+        prepared_model,
+        model,
+        ema,
+        accumulation=accum,
+        seed=config.run.seed,
+        rank=rank,
+        world_size=world,
+        device=device,
+        autocast=accelerator.autocast,
+        no_sync=lambda: accelerator.no_sync(prepared_model),
+        scaler=scaler,
+    )
 
     with_latents, with_features = cached_fields(config, manifest, tokenizer, encoders)
     if accelerator.is_main_process and (encoders or tokenizer.name != "pixels"):
@@ -366,9 +339,9 @@ def train(config: ExperimentConfig) -> TrainResult:
 
             ckpt.save_file(
                 {
-                    "model": unwrapped.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                    "model": model.state_dict(),
+                    "optimizers": {group.name: group.optimizer.state_dict() for group in groups},
+                    "scaler": scaler.state_dict() if scaler is not None else None,
                     "step": at_step,
                     "nonfinite_steps": nonfinite_total,
                     "config": config.to_dict(),
@@ -376,8 +349,7 @@ def train(config: ExperimentConfig) -> TrainResult:
                 },
                 staging / "model.pt",
             )
-            if config.method == "repa-e":
-                export_e2e_vae(tokenizer, ema.model, staging)
+            method.export(ema.model, staging)
             ema_state = {k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}
             save_file(
                 ema_state, staging / "ema.safetensors", metadata={"config": json.dumps(config.to_dict())}
@@ -400,45 +372,15 @@ def train(config: ExperimentConfig) -> TrainResult:
     preempted = False
     data_iter = iter(stream)
     window_start, window_samples = time.perf_counter(), 0
-    max_norm = config.optim.max_grad_norm if config.optim.max_grad_norm > 0 else float("inf")
+    model_group = runner.model_group().name
     try:
         while step < config.run.max_train_steps:
-            torch.manual_seed(derive_seed(config.run.seed, rank, step))
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, config)
-            prepared_model.train()
-            step_metrics: dict[str, torch.Tensor] = {}
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(accum):
-                batch = next(data_iter)
-                inputs = method.prepare(batch, device)
-                sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(prepared_model)
-                with sync:
-                    with accelerator.autocast():
-                        loss, metrics = method.loss(prepared_model, inputs)
-                    accelerator.backward(loss / accum)
-                loss_sum += loss.detach()
-                for key, value in metrics.items():  # tensors: no host sync until logging
-                    step_metrics[key] = step_metrics.get(key, 0.0) + value / accum
-                window_samples += len(batch) * world
-            grad_norm = accelerator.clip_grad_norm_(prepared_model.parameters(), max_norm)
-            # One collective and one host sync per step: any rank's non-finite loss or stop request
-            # holds for all ranks. In fp16 the grad scaler owns non-finite gradients (it skips the
-            # step and lowers its scale), so only a non-finite loss counts there.
-            nonfinite = ~torch.isfinite(loss_sum)
-            if accelerator.scaler is None:
-                nonfinite |= ~torch.isfinite(grad_norm.to(device))
-            # The same collective sums the ranks' skipped-sample counts for the log.
-            host_flags = torch.tensor([float(stop.requested), float(stream.num_skipped)], device=device)
-            flags = torch.cat([nonfinite.float().reshape(1), host_flags])
-            if world > 1:
-                flags = accelerator.reduce(flags, reduction="sum")
-            nonfinite_ranks, stop_ranks, data_skipped = flags.tolist()
-            skip, stop_now, data_skipped = nonfinite_ranks > 0, stop_ranks > 0, int(data_skipped)
-            if skip:
+            outcome = runner.run(step, data_iter, lambda: (stop.requested, stream.num_skipped))
+            window_samples += outcome.samples * world
+            stop_now, data_skipped = outcome.stop, outcome.data_skipped
+            if outcome.nonfinite:
                 nonfinite_streak += 1
                 nonfinite_total += 1
-                optimizer.zero_grad(set_to_none=True)
                 if nonfinite_streak >= config.run.max_nonfinite_steps:
                     raise NonFiniteError(
                         f"{nonfinite_streak} non-finite steps in a row at step {step} (loss or gradient "
@@ -446,12 +388,8 @@ def train(config: ExperimentConfig) -> TrainResult:
                         f"data, or use --mixed-precision bf16. Last complete checkpoint: "
                         f"{ckpt.latest_checkpoint(checkpoints_dir)}"
                     )
-            else:
+            elif not outcome.skipped:
                 nonfinite_streak = 0
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if not accelerator.optimizer_step_was_skipped:
-                    ema.update(unwrapped)
             step += 1
 
             if progress is not None:
@@ -459,8 +397,12 @@ def train(config: ExperimentConfig) -> TrainResult:
             if step % config.run.log_every == 0 or step == config.run.max_train_steps:
                 elapsed = time.perf_counter() - window_start
                 last_metrics = {
-                    **{key: float(value) for key, value in step_metrics.items()},
-                    "grad_norm": float(grad_norm),
+                    **{key: float(value) for key, value in outcome.metrics.items()},
+                    # REPA's name for the diffusion model's norm; other groups carry theirs
+                    **{
+                        "grad_norm" if name == model_group else f"grad_norm_{name}": float(norm)
+                        for name, norm in outcome.grad_norms.items()
+                    },
                     "lr": lr_at(step - 1, config),
                     "samples_per_sec": window_samples / max(elapsed, 1e-9),
                     "samples_seen": step * config.data.batch_size,
@@ -514,7 +456,7 @@ def train(config: ExperimentConfig) -> TrainResult:
         logger.close()
     accelerator.wait_for_everyone()
     return TrainResult(
-        run_dir, step, preempted, nonfinite_total, last_metrics, unwrapped, ema.model, stop.signal_number
+        run_dir, step, preempted, nonfinite_total, last_metrics, model, ema.model, stop.signal_number
     )
 
 

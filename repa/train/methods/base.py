@@ -1,0 +1,107 @@
+"""The training-method protocol: what a method declares, and what the loop does with it.
+
+A method declares its parameter groups (each a module's trainable parameters and the optimiser
+that updates them, in update order), and for each micro-batch yields one loss per group. The
+loop (repa/train/step.py) backpropagates each loss into its own group only, accumulates over
+micro-batches, averages across processes, clips per group, agrees across ranks on non-finite
+values and stop requests in one collective, and then steps every group, or none. A method never
+calls backward() or step().
+
+Besides the step maths a method owns: the checks it needs of a config (`check_config`), its
+start-up (`build`: its modules and optimisers), the state that resumes it (`state_dict`) and
+what it publishes at each checkpoint (`export`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from repa.config import ExperimentConfig
+from repa.precision import PrecisionChoice
+from repa.train.randomness import StepNoise
+
+
+@dataclass
+class ParamGroup:
+    """Parameters that one optimiser updates, and how the loop clips them."""
+
+    name: str  # "sit", "vae", "critic", ...; metrics log its grad norm as grad_norm_<name>
+    module: nn.Module  # its trainable parameters are those with requires_grad when built
+    optimizer: torch.optim.Optimizer
+    max_grad_norm: float = 0.0  # 0 disables clipping
+    learning_rate: Callable[[int], float] | None = None  # per step; None keeps the optimiser's
+    params: list[torch.Tensor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError(f"parameter group {self.name!r} has no trainable parameters")
+
+
+@dataclass
+class GroupLoss:
+    """One loss of a micro-batch and the group it updates. Metrics are detached scalars."""
+
+    group: str
+    loss: torch.Tensor  # scalar
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class MethodContext:
+    """What a method is built from: the run's config and parts, on this process's device."""
+
+    config: ExperimentConfig
+    tokenizer: nn.Module
+    encoders: Sequence[nn.Module]
+    model: nn.Module  # the diffusion model, unwrapped (the loop wraps it for DDP / compile)
+    device: torch.device
+    world_size: int = 1
+
+
+class TrainingMethod:
+    """Base class of training methods; see the module docstring for the protocol."""
+
+    # options of the diffusion model this method needs (create_model keyword arguments)
+    model_options: ClassVar[dict] = {}
+
+    @classmethod
+    def check_config(cls, config: ExperimentConfig) -> None:
+        """Raise ValueError for a config this method cannot train (no weights or data needed)."""
+
+    @classmethod
+    def check_precision(cls, config: ExperimentConfig, precision: PrecisionChoice) -> PrecisionChoice:
+        """The precision to train in, given the resolved one (a method may refuse or replace it)."""
+        return precision
+
+    @classmethod
+    def build(cls, context: MethodContext) -> TrainingMethod:
+        raise NotImplementedError
+
+    def groups(self) -> list[ParamGroup]:
+        """Parameter groups in update order. The diffusion model's group is the one whose module
+        is the context's model: the loop wraps it for DDP and keeps its EMA."""
+        raise NotImplementedError
+
+    def losses(self, model: nn.Module, batch, noise: StepNoise) -> Iterator[GroupLoss]:
+        """Yield one GroupLoss per group for this micro-batch, in update order. `model` is the
+        diffusion model as the loop runs it (DDP-wrapped, compiled). The loop runs this
+        generator under autocast and backpropagates each loss before asking for the next, so
+        only one loss's graph is alive at a time. Draw every random tensor from `noise`."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """State the method owns beyond its groups' optimisers (auxiliary modules, counters)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def export(self, ema_model: nn.Module, directory: Path) -> None:
+        """Files to publish in every checkpoint directory (main process only)."""

@@ -1,0 +1,182 @@
+"""REPA-E: the VAE trained end to end through the alignment loss (docs/conventions.md,
+"REPA-E training").
+
+Three groups, updated in this order from the same micro-batch:
+  vae     reconstruction + LPIPS + KL + GAN losses, plus vae_align_coeff x the alignment of the
+          SiT (frozen, eval mode, BatchNorm on running statistics) run on the sampled latent:
+          the alignment gradient reaches the VAE through the SiT; the diffusion loss never does.
+  critic  the PatchGAN discriminator's hinge loss on the detached reconstructions.
+  sit     denoising + proj_coeff x alignment on the detached latent with the same t and noise,
+          normalised by the SiT's BatchNorm in train mode (its running statistics become the
+          E2E-VAE's latent statistics).
+Every loss is computed from the weights before the step, so computing all three and then
+stepping the three optimisers gives the reference's sequential updates exactly.
+
+The SiT's align-only pass stops after block `align_depth` (the reference runs all blocks and
+the final layer there, and runs the first blocks twice per step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from repa.align import alignment_loss
+from repa.config import ExperimentConfig
+from repa.train.methods.base import GroupLoss, MethodContext, ParamGroup
+from repa.train.methods.denoising import DenoisingMethod, model_group, time_sampler_for
+from repa.train.optim import adamw
+from repa.train.randomness import StepNoise
+from repa.transport import interpolate
+
+
+def init_latent_batchnorm(model: nn.Module, tokenizer) -> None:
+    """Start the SiT's latent BatchNorm at the tokenizer's statistics (mean = bias,
+    var = 1 / scale^2), so step 0 normalises like the tokenizer would."""
+    norm = tokenizer.latent_norm
+    channels = model.bn.running_mean.numel()
+    with torch.no_grad():
+        model.bn.running_mean.copy_(norm.bias.float().flatten().expand(channels))
+        model.bn.running_var.copy_((1.0 / norm.scale.float().flatten() ** 2).expand(channels))
+
+
+class REPAEMethod(DenoisingMethod):
+    model_options = {"latent_batchnorm": True}
+
+    def __init__(self, *args, sit: nn.Module, vae_loss: nn.Module, vae_group: ParamGroup,
+                 critic_group: ParamGroup, vae_align_coeff: float, **kwargs):  # fmt: skip
+        super().__init__(*args, **kwargs)
+        self.sit = sit  # unwrapped: the align-only pass needs no gradient synchronisation
+        self.vae_loss = vae_loss
+        self.vae_group, self.critic_group = vae_group, critic_group
+        self.vae_align_coeff = vae_align_coeff
+
+    @classmethod
+    def check_config(cls, config: ExperimentConfig) -> None:
+        if not config.encoder.enabled:
+            raise ValueError("--method repa-e aligns to an encoder: set --encoder (e.g. dinov2-b)")
+        if config.tokenizer.tokenizer == "pixels":
+            raise ValueError("--method repa-e trains a VAE end to end: choose a VAE tokenizer, not pixels")
+
+    @classmethod
+    def build(cls, context: MethodContext) -> REPAEMethod:
+        from repa.tokenizers.losses import LPIPS, VAELoss, VAELossConfig
+
+        config, tokenizer, model = context.config, context.tokenizer, context.model
+        tokenizer.unfreeze()
+        init_latent_batchnorm(model, tokenizer)
+        if context.world_size > 1 and torch.cuda.is_available():
+            # the BatchNorm's statistics are the E2E-VAE's: over the global batch, as REPA-E
+            torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        vae = config.vae
+        lpips = LPIPS(vae.lpips_weights, vae.vgg_weights) if vae.lpips_weight > 0 else None
+        loss_config = VAELossConfig(
+            l1_weight=vae.l1_weight,
+            lpips_weight=vae.lpips_weight,
+            kl_weight=vae.kl_weight,
+            gan_weight=vae.gan_weight,
+            disc_layers=vae.disc_layers,
+        )
+        vae_loss = VAELoss(loss_config, lpips=lpips).to(context.device)
+        vae_params = [p for p in tokenizer.parameters() if p.requires_grad]
+        discriminator = vae_loss.discriminator
+        clip = config.optim.max_grad_norm
+        return cls(
+            tokenizer,
+            context.encoders,
+            config.transport.path_type,
+            time_sampler_for(config),
+            config.model.proj_coeff,
+            model_group(context),
+            resample_targets=config.model.align_resample,
+            label_dropout=config.model.class_dropout_prob,
+            sit=model,
+            vae_loss=vae_loss,
+            vae_group=ParamGroup("vae", tokenizer, adamw(vae_params, vae.vae_learning_rate, config), clip),
+            critic_group=ParamGroup(
+                "critic",
+                discriminator,
+                adamw(list(discriminator.parameters()), vae.disc_learning_rate, config),
+                clip,
+            ),
+            vae_align_coeff=vae.vae_align_coeff,
+        )
+
+    def groups(self) -> list[ParamGroup]:
+        return [self.vae_group, self.critic_group, self.model_group]
+
+    def losses(self, model: nn.Module, batch, noise: StepNoise) -> Iterator[GroupLoss]:
+        device = noise.device
+        images = batch.images.to(device, non_blocking=True)
+        labels = batch.labels.to(device, non_blocking=True)
+        target_tokens = self.target_tokens(batch, images)
+        pixels = images.float() / 127.5 - 1.0  # [-1, 1]
+        discriminator = self.vae_loss.discriminator
+
+        # (1) VAE: the SiT runs in eval mode (its BatchNorm uses, and does not move, its running
+        # statistics) with its parameters frozen, so the alignment gradient stops at the VAE;
+        # the discriminator is frozen for the generator's adversarial term.
+        self.tokenizer.train()
+        sit_was_training = self.sit.training
+        frozen = [p for p in (*self.sit.parameters(), *discriminator.parameters()) if p.requires_grad]
+        self.sit.eval()
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            mean, logvar = self.tokenizer.posterior(pixels)
+            eps = noise.normal("posterior", tuple(mean.shape[1:]), dtype=mean.dtype)
+            z = mean + torch.exp(0.5 * logvar) * eps
+            reconstructions = self.tokenizer.decode_float(z)
+            latents = self.sit.normalize_latents(z.float())  # running statistics (eval mode)
+            t = noise.draw("t", lambda n, g: self.time_sampler(n, self.path, generator=g, device=device))
+            x_t, _ = interpolate(self.path, latents, noise.normal("noise", tuple(latents.shape[1:])), t)
+            _, projections = self.sit(x_t, t, labels, align_only=True)
+            align = alignment_loss(projections, target_tokens, resample=self.resample_targets)
+            generator_loss, parts = self.vae_loss.generator_loss(
+                pixels, reconstructions.float(), mean, logvar
+            )
+            vae_loss = generator_loss + self.vae_align_coeff * align
+            metrics = {f"vae_{k}": v for k, v in parts.items()}
+            metrics.update(vae_loss=vae_loss.detach(), vae_align=align.detach())
+            yield GroupLoss(self.vae_group.name, vae_loss, metrics)
+        finally:
+            self.sit.train(sit_was_training)
+            for p in frozen:
+                p.requires_grad_(True)
+
+        # (2) critic, on the reconstructions made by the VAE before its update
+        disc_loss, disc_parts = self.vae_loss.discriminator_loss(pixels, reconstructions.detach().float())
+        yield GroupLoss(
+            self.critic_group.name,
+            disc_loss,
+            {"disc_loss": disc_loss.detach(), **{f"disc_{k}": v for k, v in disc_parts.items()}},
+        )
+
+        # (3) SiT, on the detached latent with the same t and noise (drawn under the same names);
+        # its BatchNorm in train mode normalises the batch and moves the running statistics
+        latents = self.sit.normalize_latents(z.detach().float())
+        yield self.model_loss(model, latents, labels, target_tokens, noise)
+
+    def state_dict(self) -> dict:
+        return {"vae": self.tokenizer.state_dict(), "discriminator": self.vae_loss.discriminator.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tokenizer.load_state_dict(state["vae"])
+        self.vae_loss.discriminator.load_state_dict(state["discriminator"])
+
+    def export(self, ema_model: nn.Module, directory: Path) -> None:
+        """REPA-E's deliverable: the trained VAE and its latent statistics read from the EMA
+        model's BatchNorm, in the layout `--tokenizer PATH` (LDM-only training, sampling) loads."""
+        from repa.tokenizers import save_latent_stats
+
+        weights = {
+            k: v.detach().cpu().contiguous() for k, v in self.tokenizer.autoencoder_state_dict().items()
+        }
+        torch.save(weights, directory / "e2e-vae.pt")
+        bn = ema_model.bn
+        save_latent_stats(
+            directory / "e2e-vae-latents-stats.pt", bn.running_mean, torch.sqrt(bn.running_var + bn.eps)
+        )
