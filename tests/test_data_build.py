@@ -141,6 +141,38 @@ def test_adm_crop_vertical_offset_rounds_down():
     assert center_crop_adm(Image.fromarray(rows), 4)[:, 0, 0].tolist() == [1, 2, 3, 4]
 
 
+# ----------------------------------------------------------------------------- image folders
+
+
+def test_every_image_folder_reader_sees_the_same_files(tmp_path):
+    """Shard building, reference sets and latent statistics read folders with one extension list."""
+    from repa.data import images
+    from repa.data.build import list_image_folder
+    from repa.eval.references import fingerprint, iter_image_batches
+    from repa.tokenizers.stats import iter_image_folder
+
+    folder = tmp_path / "class-a"
+    folder.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    for index, extension in enumerate(images.IMAGE_EXTENSIONS):
+        Image.fromarray(pixels).save(folder / f"{index:02d}{extension}")
+    Image.fromarray(pixels).save(folder / "upper.PNG", format="PNG")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".99.png.tmp-123").write_bytes(b"a half-written file")  # what atomic writes leave
+    expected = sorted([*(f"{i:02d}{e}" for i, e in enumerate(images.IMAGE_EXTENSIONS)), "upper.PNG"])
+
+    items, class_names = list_image_folder(tmp_path)
+    assert class_names == ["class-a"] and sorted(item.key for item in items) == [
+        f"class-a/{n}" for n in expected
+    ]
+    assert [path.name for path in images.list_images(tmp_path)] == expected
+    assert fingerprint(tmp_path)["files"] == len(expected)
+    assert sum(len(batch) for batch in iter_image_batches(tmp_path, batch_size=4)) == len(expected)
+    assert sum(len(batch) for batch in iter_image_folder(tmp_path, resolution=4, batch_size=4)) == len(
+        expected
+    )
+
+
 # ----------------------------------------------------------------------------- build
 
 

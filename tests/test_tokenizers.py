@@ -173,6 +173,20 @@ def test_latent_stats_of_a_synthetic_stream_match_numpy(tmp_path):
     np.testing.assert_allclose(norm.mean.flatten().numpy(), per_channel.mean(axis=1), rtol=1e-5, atol=1e-6)
 
 
+def test_stats_of_an_image_folder_see_the_adm_crop_training_images_get(tmp_path):
+    from PIL import Image
+
+    from repa.data.images import center_crop_adm
+    from repa.tokenizers.stats import iter_image_folder
+
+    # Short side 40 >= 2 * 16: ADM halves with a BOX filter, resizes, then cuts the square.
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 72, 3), dtype=np.uint8))
+    image.save(tmp_path / "wide.png")
+    (batch,) = iter_image_folder(tmp_path, resolution=16, batch_size=4)
+    assert batch.dtype == torch.uint8 and batch.shape == (1, 3, 16, 16)
+    assert torch.equal(batch[0], torch.from_numpy(center_crop_adm(image, 16)).permute(2, 0, 1))
+
+
 def test_lightningdit_stats_format_is_read(tmp_path):
     path = tmp_path / "latents_stats.pt"
     torch.save(

@@ -3,8 +3,9 @@
 Sources: an ImageNet-layout folder (one sub-folder per class), a flat folder plus a labels file
 (CSV or JSON, filename -> class), or existing webdataset tar shards (jpg/png/webp with cls or
 json, as img2dataset writes them). Every image is centre-cropped the ADM way
-(`center_crop_adm`) and stored losslessly (PNG) with its class index and source key, optionally
-with cached VAE moments (of the image and of its mirror image) and encoder target tokens.
+(`center_crop_adm`, repa.data.images) and stored losslessly (PNG) with its class index and
+source key, optionally with cached VAE moments (of the image and of its mirror image) and
+encoder target tokens.
 
 Guarantees:
 - Deterministic: samples are sorted by source key, permuted with a fixed seed (so every shard
@@ -43,32 +44,10 @@ import numpy as np
 from PIL import Image
 
 from repa.data import shards as fmt
+from repa.data.images import IMAGE_EXTENSIONS, center_crop_adm, list_class_folders  # noqa: F401 (re-exported)
 from repa.utils.files import atomic_path, file_sha256, stale_temporaries, write_bytes_atomic
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".gif")
 TAR_IMAGE_SUFFIXES = ("png", "jpg", "jpeg", "webp")
-
-
-# ----------------------------------------------------------------------------- the ADM crop
-
-
-def center_crop_adm(image: Image.Image, resolution: int) -> np.ndarray:
-    """ADM's centre crop (guided-diffusion `center_crop_arr`, the spec's "center-crop-dhariwal").
-
-    While the short side is at least twice `resolution`, halve both sides (floor) with a BOX
-    filter; then resize with BICUBIC so the short side equals `resolution` (the other side
-    rounded); then cut the centred `resolution` square (offset floor((size - resolution) / 2)).
-    Returns uint8 (resolution, resolution, 3).
-    """
-    image = image.convert("RGB")
-    while min(image.size) >= 2 * resolution:
-        image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
-    scale = resolution / min(image.size)
-    image = image.resize(tuple(round(side * scale) for side in image.size), resample=Image.BICUBIC)
-    pixels = np.asarray(image)  # (H, W, 3)
-    top = (pixels.shape[0] - resolution) // 2
-    left = (pixels.shape[1] - resolution) // 2
-    return np.ascontiguousarray(pixels[top : top + resolution, left : left + resolution])
 
 
 # ----------------------------------------------------------------------------- sources
@@ -111,17 +90,8 @@ def _label_indices(raw_labels: Sequence[str | int]) -> tuple[list[int], list[str
 
 def list_image_folder(root: str | os.PathLike) -> tuple[list[SourceItem], list[str]]:
     """ImageNet training layout: `root/<class>/<image>`; classes indexed in sorted folder order."""
-    root = Path(root)
-    class_names = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
-    if not class_names:
-        raise ValueError(f"{root}: no class sub-folders (expected the ImageNet layout root/<class>/<image>)")
-    items = []
-    for label, name in enumerate(class_names):
-        for dirpath, _, filenames in os.walk(root / name):
-            for filename in filenames:
-                if filename.lower().endswith(IMAGE_EXTENSIONS):
-                    path = os.path.join(dirpath, filename)
-                    items.append(SourceItem(os.path.relpath(path, root).replace(os.sep, "/"), label, path))
+    images, class_names = list_class_folders(root)
+    items = [SourceItem(path.relative_to(root).as_posix(), label, str(path)) for path, label in images]
     return items, class_names
 
 

@@ -4,7 +4,8 @@ An image set is named by a string:
   FILE.npz            a sample file or the ADM reference batch: `arr_0` uint8 (N, H, W, 3)
   DIR of shards       a folder with a shard manifest (repa data build), or a shard pattern
                       (`data/train-{000000..000099}.tar`, several joined by `::`)
-  DIR of images       png / jpg / jpeg / webp files under it (recursively, sorted), all one size
+  DIR of images       image files under it (recursively, sorted; repa.data.images's extensions),
+                      all one size: read as they are, not cropped
 Precomputed statistics are a `.npz` too: the ADM reference batch carries `mu`/`sigma` (pool3)
 and `mu_s`/`sigma_s` (sFID) next to its images; our cache files (`ReferenceStats.save`) carry a
 `repa_reference_stats` record naming the feature space they were computed in.
@@ -27,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from repa.data.images import IMAGE_EXTENSIONS, list_images, load_image_batches
 from repa.eval.frechet import Gaussian
 from repa.eval.npz import iter_npz_rows, npz_members
 from repa.utils.files import atomic_path
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 STATS_MARKER = "repa_reference_stats"
 # ADM's reference batches (VIRTUAL_imagenet256_labeled.npz): pool3 and spatial statistics.
 ADM_STATS_KEYS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}
@@ -51,10 +52,6 @@ def _is_shard_spec(source: str) -> bool:
 
         return (path / MANIFEST_NAME).is_file()
     return any(token in source for token in ("{", "::")) or source.endswith((".tar", ".json"))
-
-
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 def iter_image_batches(source: str | os.PathLike, batch_size: int) -> Iterator[torch.Tensor]:
@@ -80,35 +77,15 @@ def iter_image_batches(source: str | os.PathLike, batch_size: int) -> Iterator[t
             yield batch.images
         return
     if path.is_dir():
-        files = _image_files(path)
+        files = list_images(path)
         if not files:
-            raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)}) and no shard manifest")
-        yield from _iter_image_files(files, batch_size)
+            raise ValueError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)}) and no shard manifest")
+        for batch in load_image_batches(files, batch_size):
+            yield torch.from_numpy(batch)
         return
     raise FileNotFoundError(
         f"reference {source!r} is not an .npz, a folder of images or shards, or a shard pattern"
     )
-
-
-def _iter_image_files(files: list[Path], batch_size: int) -> Iterator[torch.Tensor]:
-    from PIL import Image
-
-    size = None
-    for start in range(0, len(files), batch_size):
-        images = []
-        for file in files[start : start + batch_size]:
-            with Image.open(file) as image:
-                array = np.asarray(image.convert("RGB"))
-            if size is None:
-                size = array.shape
-            elif array.shape != size:
-                raise ValueError(
-                    f"{file} is {array.shape[1]}x{array.shape[0]} but earlier images are "
-                    f"{size[1]}x{size[0]}; "
-                    "resize the reference set to one size first (e.g. `repa data build --resolution R`)"
-                )
-            images.append(torch.from_numpy(array.copy()).permute(2, 0, 1))
-        yield torch.stack(images)
 
 
 def fingerprint(source: str | os.PathLike) -> dict:
@@ -122,7 +99,7 @@ def fingerprint(source: str | os.PathLike) -> dict:
 
         files = [Path(url) for url in expand_shard_urls(source)]
     elif path.is_dir():
-        files = _image_files(path)
+        files = list_images(path)
     else:
         raise FileNotFoundError(f"image set {source!r} not found")
     stats = [f.stat() for f in files if f.exists()]

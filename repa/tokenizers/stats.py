@@ -122,30 +122,18 @@ def load_latent_stats(path: str | os.PathLike) -> LatentNorm:
 
 
 def iter_image_folder(folder: str | os.PathLike, resolution: int, batch_size: int) -> Iterator[torch.Tensor]:
-    """uint8 batches (B, 3, R, R) from the image files of a folder (sorted), centre-cropped to a square
-    and resized (bicubic) to `resolution`. A plain-folder input for `repa tokenizer stats`."""
-    from PIL import Image
+    """uint8 batches (B, 3, R, R) from the image files of a folder (sorted), each centre-cropped the
+    ADM way to `resolution` (`repa.data.images.center_crop_adm`, as `repa data build` prepares
+    training images), so the statistics are of the images the model trains on. A plain-folder
+    input for `repa tokenizer stats`. (Before, the square was cut first and then resized with
+    BICUBIC alone, which differs from the training images by the ADM crop's BOX halvings.)"""
+    from repa.data.images import IMAGE_EXTENSIONS, list_images, load_image_batches
 
-    extensions = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in extensions)
+    files = list_images(folder)
     if not files:
-        raise FileNotFoundError(f"no image files ({', '.join(sorted(extensions))}) found under {folder}")
-    batch: list[torch.Tensor] = []
-    for file in files:
-        with Image.open(file) as image:
-            image = image.convert("RGB")
-            side = min(image.size)
-            left, top = (image.width - side) // 2, (image.height - side) // 2
-            image = image.crop((left, top, left + side, top + side))
-            if side != resolution:
-                image = image.resize((resolution, resolution), Image.BICUBIC)
-            array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-        batch.append(array.view(resolution, resolution, 3).permute(2, 0, 1))
-        if len(batch) == batch_size:
-            yield torch.stack(batch)
-            batch = []
-    if batch:
-        yield torch.stack(batch)
+        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
+    for batch in load_image_batches(files, batch_size, resolution):
+        yield torch.from_numpy(batch)
 
 
 def iter_stats_input(data: str, resolution: int, batch_size: int) -> Iterator[torch.Tensor]:
