@@ -26,7 +26,7 @@ from repa.data.shards import (
     iter_tar_members,
     member_bytes,
 )
-from repa.data.stream import RING_SLOTS, StreamError, iter_eval_batches, make_train_stream
+from repa.data.stream import RING_SLOTS, StreamError, iter_eval_batches, make_train_stream, parse_label
 from repa.data.synthetic import write_synthetic_dataset
 from tests.test_data_fakes import FakeTokenizer
 
@@ -200,7 +200,7 @@ def test_batches_stay_intact_while_the_consumer_holds_them(shard_dirs, num_worke
             image, moments = reference[key]
             assert torch.equal(batch.images[row], image) and torch.equal(batch.moments[row], moments)
     if num_workers == 0:
-        assert len(deferred_reads) >= 3 * 4 * num_batches  # a PNG, its moments and its key per sample
+        assert len(deferred_reads) == 3 * 4 * num_batches  # a PNG, its moments and its key per sample
 
 
 def _write_sized_samples(path: Path, sizes: list[int]) -> None:
@@ -225,7 +225,8 @@ def test_sample_of_another_size_is_skipped(tmp_path, num_workers):
     with warns if num_workers == 0 else contextlib.nullcontext():  # workers warn in their process
         keys = [key for batch in stream for key in batch.keys]
     assert len(keys) == 6 and "0001" not in keys
-    assert stream.num_skipped >= 1
+    # Read in order, each batch of 3 takes one pass over the 4 samples: the odd one met twice.
+    assert stream.num_skipped == 2
 
 
 def test_the_manifest_sets_the_size_and_a_first_odd_sample_cannot(tmp_path, shard_dirs):
@@ -289,19 +290,111 @@ def test_corrupt_sample_is_skipped_with_a_warning_and_counted(shard_dirs, tmp_pa
     shutil.copy(urls[1], tmp_path / "good.tar")
     shards = [str(tmp_path / "bad.tar"), str(tmp_path / "good.tar")]
 
-    stream = make_train_stream(shards, batch_size_per_rank=3, num_workers=0, shuffle_buffer=4, num_batches=20)
+    # Samples read in order (shuffle_buffer=1), so the count follows from where the bad one lies:
+    # first in bad.tar, met once in each pass before any of that shard's good samples.
+    stream = make_train_stream(shards, batch_size_per_rank=3, num_workers=0, shuffle_buffer=1, num_batches=20)
     # The warning names the sample and its shard.
-    with pytest.warns(UserWarning, match=r"skipping corrupt data .*: sample \S+ of \S*bad\.tar"):
+    with pytest.warns(UserWarning, match=r"skipping corrupt data .*: sample \S+ of \S*bad\.tar") as record:
         keys = [key for batch in stream for key in batch.keys]
     assert len(keys) == 60 and bad_key not in keys
-    assert stream.num_skipped >= 3  # 60 samples from 15 good ones: the bad one was met on every pass
+    # 60 samples are 4 passes over the 15 good ones: the bad one was met 4 times, one warning each.
+    assert stream.num_skipped == 4
+    assert sum("skipping corrupt data" in str(warning.message) for warning in record) == 4
 
-    # With worker processes the count travels with the batches.
+    # With worker processes the count travels with the batches. Worker 0 reads bad.tar alone: its
+    # 6 of the 12 batches are 18 samples of its 7 good ones, so it started 3 passes, each with
+    # the bad one; worker 1 (good.tar) skipped nothing.
     in_workers = make_train_stream(
-        shards, batch_size_per_rank=3, num_workers=2, shuffle_buffer=4, num_batches=12
+        shards, batch_size_per_rank=3, num_workers=2, shuffle_buffer=1, num_batches=12
     )
-    assert bad_key not in [key for batch in in_workers for key in batch.keys]
-    assert in_workers.num_skipped >= 2
+    batches = list(in_workers)
+    assert [batch.worker for batch in batches] == [0, 1] * 6
+    assert bad_key not in [key for batch in batches for key in batch.keys]
+    assert in_workers.num_skipped == 3
+
+
+def _replace_member(source: Path, target: Path, name: str, data: bytes) -> None:
+    """Copy a shard with the bytes of member `name` replaced by `data`."""
+    with tarfile.open(source) as reader, tarfile.open(target, "w") as writer:
+        for member in reader:
+            payload = data if member.name == name else reader.extractfile(member).read()
+            member.size = len(payload)
+            writer.addfile(member, io.BytesIO(payload))
+
+
+def _samples_in_order(path: Path) -> list[tuple[str, str]]:
+    """(tar key, source key) of each sample of a shard, in file order."""
+    with tarfile.open(path) as archive:
+        return [
+            (member.name.split(".")[0], archive.extractfile(member).read().decode())
+            for member in archive
+            if member.name.endswith(".key.txt")
+        ]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_corrupt_label_or_cached_latent_is_skipped_and_counted_exactly(shard_dirs, tmp_path, num_workers):
+    """Non-image members are data too: a garbage label and truncated cached latents make their
+    samples corrupt like a damaged PNG. Each is skipped with one warning naming it, counted once
+    each time it is met, and the stream goes on with the other samples."""
+    urls = [Path(url) for url in expand_shard_urls(str(shard_dirs["cached"]))[:2]]
+    samples = [_samples_in_order(url) for url in urls]
+    # Neither is the last sample of its shard, so with in-order reading (shuffle_buffer=1) each is
+    # met in a pass before that pass's last good sample completes the pass's last batch.
+    (label_tar_key, label_key), (latent_tar_key, latent_key) = samples[0][0], samples[1][2]
+    with tarfile.open(urls[1]) as archive:
+        latents = archive.extractfile(f"{latent_tar_key}.{shard_format.LATENTS}").read()
+    shards = [tmp_path / "bad-label.tar", tmp_path / "bad-latent.tar"]
+    _replace_member(urls[0], shards[0], f"{label_tar_key}.{shard_format.LABEL}", b"\xff\xfe\x07\x00")
+    _replace_member(
+        urls[1], shards[1], f"{latent_tar_key}.{shard_format.LATENTS}", latents[: len(latents) // 2]
+    )
+    good_keys = {key for shard in samples for _, key in shard} - {label_key, latent_key}
+    assert len(good_keys) == 14
+
+    # Batches of 7, 4 of them: two passes over the 14 good samples. With two workers each reads
+    # one shard (7 good samples), so each makes two batches: two passes over its shard too.
+    passes = 2
+    stream = make_train_stream(
+        [str(shard) for shard in shards], batch_size_per_rank=7, num_workers=num_workers, shuffle_buffer=1,
+        with_latents=True, num_batches=4,
+    )  # fmt: skip
+    with pytest.warns(UserWarning) if num_workers == 0 else contextlib.nullcontext() as record:
+        batches = list(stream)
+    keys = [key for batch in batches for key in batch.keys]
+    assert sorted(keys) == sorted(list(good_keys) * passes)  # every good sample once a pass
+    assert stream.num_skipped == 2 * passes  # each corrupt sample, once per pass
+    assert all(batch.moments.shape == (7, 6, 4, 4) for batch in batches)
+    if num_workers == 0:  # workers warn in their own process
+        skips = [str(w.message) for w in record if "skipping corrupt data" in str(w.message)]
+        assert len(skips) == 2 * passes
+        assert sum(f"sample {label_tar_key} of {shards[0]}" in message for message in skips) == passes
+        assert sum(f"sample {latent_tar_key} of {shards[1]}" in message for message in skips) == passes
+
+
+def test_a_label_is_a_class_index_of_the_manifest_or_its_sample_is_corrupt(shard_dirs, tmp_path):
+    """int() alone takes "-1" or "3_0" from damaged bytes, and a label past the manifest's classes
+    would stop training in the class embedding: such samples are skipped and counted instead."""
+    assert parse_label(b"3") == 3 and parse_label(b" 12\n") == 12
+    for data in (b"-1", b"+3", b"3_0", b"3.0", b"", b"\xef\xbc\x93"):  # the last: a full-width 3
+        with pytest.raises(ValueError, match="not a class index"):
+            parse_label(data)
+    with pytest.raises(ValueError, match="label 4 out of range: the manifest lists 4 classes"):
+        parse_label(b"4", num_classes=4)
+
+    data = tmp_path / "shards"
+    shutil.copytree(shard_dirs["plain"], data)
+    first = sorted(data.glob("*.tar"))[0]
+    tar_key, key = _samples_in_order(first)[0]
+    _replace_member(first, tmp_path / "relabelled.tar", f"{tar_key}.{shard_format.LABEL}", b"4")
+    shutil.move(tmp_path / "relabelled.tar", first)
+    # One batch of the other 65 samples, read in order: one pass, so the bad one is met once.
+    stream = make_train_stream(
+        str(data), batch_size_per_rank=NUM_IMAGES - 1, num_workers=0, shuffle_buffer=1, num_batches=1
+    )
+    with pytest.warns(UserWarning, match=rf"sample {tar_key} of \S*{first.name}: .*label 4 out of range"):
+        (batch,) = list(stream)
+    assert key not in batch.keys and stream.num_skipped == 1
 
 
 def test_truncated_shard_is_skipped_after_its_readable_samples(shard_dirs, tmp_path):
@@ -309,9 +402,16 @@ def test_truncated_shard_is_skipped_after_its_readable_samples(shard_dirs, tmp_p
     data = Path(urls[0]).read_bytes()
     (tmp_path / "truncated.tar").write_bytes(data[: len(data) // 2])
     shutil.copy(urls[1], tmp_path / "good.tar")
+    errors = []
+    readable = len(
+        list(shard_format.iter_tar_samples(str(tmp_path / "truncated.tar"), handler=errors.append))
+    )
+    assert len(errors) == 1
+    # Batches of one pass each (the truncated shard's readable samples and the good shard's 8),
+    # read in order: 3 batches are 3 passes, each ending the truncated shard at its cut once.
     stream = make_train_stream(
         [str(tmp_path / "truncated.tar"), str(tmp_path / "good.tar")],
-        batch_size_per_rank=4, num_workers=0, shuffle_buffer=4, num_batches=10,
+        batch_size_per_rank=readable + 8, num_workers=0, shuffle_buffer=1, num_batches=3,
     )  # fmt: skip
     with pytest.warns(UserWarning, match="skipping corrupt data"):
         keys = {key for batch in stream for key in batch.keys}
@@ -319,8 +419,8 @@ def test_truncated_shard_is_skipped_after_its_readable_samples(shard_dirs, tmp_p
         truncated_keys = {
             archive.extractfile(m).read().decode() for m in archive if m.name.endswith(".key.txt")
         }
-    assert 0 < len(keys & truncated_keys) < len(truncated_keys)  # its first samples, not all of them
-    assert stream.num_skipped >= 1
+    assert 0 < len(keys & truncated_keys) == readable < len(truncated_keys)  # its first samples only
+    assert stream.num_skipped == 3
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

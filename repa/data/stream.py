@@ -23,8 +23,9 @@ Guarantees (tested in tests/test_data_stream.py):
   interruption (its generators are fresh, not rewound), and the count of samples seen is exact
   (`n * batch_size_per_rank` plus what the new stream yields). It does not reproduce the exact
   sample order an uninterrupted run would have seen.
-- A corrupt sample or a truncated/unreadable shard is skipped with a warning and counted
-  (`stream.num_skipped`, for the training log); a worker with nothing decodable left raises.
+- A corrupt sample (any member: image, label, cached latents or features) or a truncated or
+  unreadable shard is skipped with a warning and counted (`stream.num_skipped`, for the training
+  log), once each time it is met; a worker with nothing decodable left raises.
 
 Use in a training loop (the loop saves `stream.state_dict()` with its checkpoint):
 
@@ -39,6 +40,7 @@ Use in a training loop (the loop saves `stream.state_dict()` with its checkpoint
 from __future__ import annotations
 
 import io
+import itertools
 import multiprocessing
 import os
 import random
@@ -124,12 +126,34 @@ def _require(sample: dict[str, Any], suffix: str) -> bytes:
     return fmt.member_bytes(sample[suffix])
 
 
+def parse_label(data: bytes, num_classes: int | None = None) -> int:
+    """A label member -> its class index, or ValueError for anything that is not one.
+
+    `repa data build` writes the index in ASCII digits. `int()` alone would also take "-1", "+3"
+    or "3_0" from damaged bytes, and a negative or too large index would stop training in the
+    class embedding instead of being skipped here as a corrupt sample. `num_classes`: from the
+    manifest, where there is one.
+    """
+    digits = data.strip()
+    if not digits.isdigit():  # bytes.isdigit: ASCII digits only
+        raise ValueError(f"label {data[:16]!r} is not a class index")
+    label = int(digits)
+    if num_classes is not None and label >= num_classes:
+        raise ValueError(f"label {label} out of range: the manifest lists {num_classes} classes")
+    return label
+
+
 def decode_sample(
-    sample: dict[str, Any], *, flip: bool, with_latents: bool, with_features: bool
+    sample: dict[str, Any],
+    *,
+    flip: bool,
+    with_latents: bool,
+    with_features: bool,
+    num_classes: int | None = None,
 ) -> dict[str, Any]:
     """Raw tar sample -> {image (H,W,3) uint8, label, moments, features, key, flipped}."""
     image = decode_png(_require(sample, fmt.IMAGE), flip=flip)  # mirrored as the cached flipped moments
-    label = int(_require(sample, fmt.LABEL))
+    label = parse_label(_require(sample, fmt.LABEL), num_classes)
     key = fmt.member_bytes(sample[fmt.SOURCE_KEY]).decode() if fmt.SOURCE_KEY in sample else sample["__key__"]
     moments = features = None
     if with_latents:
@@ -345,6 +369,7 @@ class ShardStream(IterableDataset):
         # Samples in each shard (by file name), from the manifest: a shard that ends early
         # counts what it lost as skipped instead of losing it silently.
         self.expected_counts: dict[str, int] = {}
+        self.num_classes: int | None = None  # from the manifest: labels outside it are corrupt
         self._short_shards_warned: set[str] = set()
 
     def _skip(self, exn: Exception, where: str = "") -> bool:
@@ -412,7 +437,11 @@ class ShardStream(IterableDataset):
             flip = self.flip and rng.random() < 0.5
             try:
                 decoded = decode_sample(
-                    sample, flip=flip, with_latents=self.with_latents, with_features=self.with_features
+                    sample,
+                    flip=flip,
+                    with_latents=self.with_latents,
+                    with_features=self.with_features,
+                    num_classes=self.num_classes,
                 )
             except Exception as exn:  # noqa: BLE001 (a corrupt sample must not kill the loader)
                 self._skip(exn, where=f"sample {sample.get('__key__')} of {sample.get('__url__')}")
@@ -590,9 +619,9 @@ class TrainStream:
         slot_tensors: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         recycled = _RecycledBuffers()
         try:
-            for count, item in enumerate(batches):
-                if self.num_batches is not None and count >= self.num_batches:
-                    break
+            # islice stops without asking for one more batch: reading past the last one would
+            # decode (and warn about) samples that the stream's counters never report.
+            for item in itertools.islice(batches, self.num_batches):
                 batch = (
                     item
                     if isinstance(item, Batch)
@@ -653,20 +682,20 @@ class TrainStream:
 
 def _check_manifest(
     shards: str | Sequence[str], *, flip: bool, with_latents: bool, with_features: bool
-) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+) -> tuple[dict[str, tuple[int, ...]], dict[str, int], int | None]:
     """Fail at start-up when the manifest says the shards lack a requested cache; return the
-    shapes it records for images, moments and features, and each shard's sample count by file
-    name (both empty without a readable manifest)."""
+    shapes it records for images, moments and features, each shard's sample count by file
+    name, and the number of classes (empty and None without a readable manifest)."""
     if not isinstance(shards, str):
-        return {}, {}
+        return {}, {}, None
     manifest_path = fmt.locate_manifest(shards)
     if manifest_path is None:
-        return {}, {}
+        return {}, {}, None
     try:
         manifest = fmt.read_manifest(manifest_path)
         fields = manifest["fields"]
     except (OSError, ValueError, KeyError):
-        return {}, {}  # no readable manifest: per-sample checks still apply
+        return {}, {}, None  # no readable manifest: per-sample checks still apply
     if with_latents and "latents" not in fields:
         raise StreamError(f"{shards}: no cached latents; rebuild with `repa data build --cache-latents NAME`")
     if with_features and "features" not in fields:
@@ -689,7 +718,8 @@ def _check_manifest(
         for entry in manifest.get("shards") or []
         if isinstance(entry, dict) and "name" in entry and "num_samples" in entry
     }
-    return shapes, counts
+    num_classes = manifest.get("num_classes")
+    return shapes, counts, num_classes if isinstance(num_classes, int) and num_classes > 0 else None
 
 
 def make_train_stream(
@@ -738,7 +768,7 @@ def make_train_stream(
             stacklevel=2,
         )
         num_workers = workers_that_fit
-    shapes, counts = _check_manifest(
+    shapes, counts, num_classes = _check_manifest(
         shards, flip=flip, with_latents=with_latents, with_features=with_features
     )
     dataset = ShardStream(
@@ -753,7 +783,7 @@ def make_train_stream(
         with_latents=with_latents,
         with_features=with_features,
     )
-    dataset.expected_shapes, dataset.expected_counts = shapes, counts
+    dataset.expected_shapes, dataset.expected_counts, dataset.num_classes = shapes, counts, num_classes
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     elif pin_memory and not torch.cuda.is_available():
