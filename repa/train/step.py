@@ -67,17 +67,6 @@ class StepRunner:
         self.accumulation, self.seed, self.rank, self.world_size = accumulation, seed, rank, world_size
         self.device = torch.device(device)
         self.autocast, self.no_sync, self.scaler = autocast, no_sync, scaler
-        if accumulation > 1:
-            self._decay_batchnorm_once_per_step()
-
-    def _decay_batchnorm_once_per_step(self) -> None:
-        """A BatchNorm's running statistics move once per forward; with N micro-batches per step
-        each move uses momentum 1 - (1 - m)^(1/N), so that they decay per optimiser step as
-        without accumulation (REPA-E's latent statistics are a deliverable)."""
-        for group in self.groups:
-            for module in group.module.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is not None:
-                    module.momentum = 1 - (1 - module.momentum) ** (1 / self.accumulation)
 
     def model_group(self) -> ParamGroup:
         return next(group for group in self.groups if group.module is self.unwrapped)
@@ -147,8 +136,9 @@ class StepRunner:
                 else:
                     group.optimizer.step()
                 group.optimizer.zero_grad(set_to_none=True)
-            if self.ema is not None:
-                self.ema.update(self.unwrapped)
+        self.method.finish_step(updated=not skipped)
+        if not skipped and self.ema is not None:
+            self.ema.update(self.unwrapped)
         if self.scaler is not None:
             self.scaler.update()  # lowers the scale after an overflow; every group was unscaled
         return StepOutcome(

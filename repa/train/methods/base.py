@@ -96,6 +96,11 @@ class TrainingMethod:
         only one loss's graph is alive at a time. Draw every random tensor from `noise`."""
         raise NotImplementedError
 
+    def finish_step(self, updated: bool) -> None:
+        """Called once per optimiser step after the updates (`updated` False: the step was
+        skipped), before the EMA follows the model: for state that must move once per step
+        rather than once per micro-batch."""
+
     def state_dict(self) -> dict:
         """State the method owns beyond its groups' optimisers (auxiliary modules, counters)."""
         return {}

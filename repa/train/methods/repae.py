@@ -7,8 +7,9 @@ Three groups, updated in this order from the same micro-batch:
           the alignment gradient reaches the VAE through the SiT; the diffusion loss never does.
   critic  the PatchGAN discriminator's hinge loss on the detached reconstructions.
   sit     denoising + proj_coeff x alignment on the detached latent with the same t and noise,
-          normalised by the SiT's BatchNorm in train mode (its running statistics become the
-          E2E-VAE's latent statistics).
+          normalised by the batch's statistics (over all ranks, as the reference's SyncBatchNorm
+          in train mode); the SiT's BatchNorm running statistics, the E2E-VAE's latent
+          statistics, move once per optimiser step from all of the step's samples.
 Every loss is computed from the weights before the step, so computing all three and then
 stepping the three optimisers gives the reference's sequential updates exactly.
 
@@ -46,13 +47,24 @@ def init_latent_batchnorm(model: nn.Module, tokenizer) -> None:
 class REPAEMethod(DenoisingMethod):
     model_options = {"latent_batchnorm": True}
 
-    def __init__(self, *args, sit: nn.Module, vae_loss: nn.Module, vae_group: ParamGroup,
-                 critic_group: ParamGroup, vae_align_coeff: float, **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        *args,
+        sit: nn.Module,
+        vae_loss: nn.Module,
+        vae_group: ParamGroup,
+        critic_group: ParamGroup,
+        vae_align_coeff: float,
+        world_size: int = 1,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.sit = sit  # unwrapped: the align-only pass needs no gradient synchronisation
         self.vae_loss = vae_loss
         self.vae_group, self.critic_group = vae_group, critic_group
         self.vae_align_coeff = vae_align_coeff
+        self.world_size = world_size
+        self._latent_moments: list[torch.Tensor] = []  # this step's (count, sum, sum of squares)
 
     @classmethod
     def check_config(cls, config: ExperimentConfig) -> None:
@@ -68,9 +80,6 @@ class REPAEMethod(DenoisingMethod):
         config, tokenizer, model = context.config, context.tokenizer, context.model
         tokenizer.unfreeze()
         init_latent_batchnorm(model, tokenizer)
-        if context.world_size > 1 and torch.cuda.is_available():
-            # the BatchNorm's statistics are the E2E-VAE's: over the global batch, as REPA-E
-            torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         vae = config.vae
         lpips = LPIPS(vae.lpips_weights, vae.vgg_weights) if vae.lpips_weight > 0 else None
         loss_config = VAELossConfig(
@@ -103,6 +112,7 @@ class REPAEMethod(DenoisingMethod):
                 clip,
             ),
             vae_align_coeff=vae.vae_align_coeff,
+            world_size=context.world_size,
         )
 
     def groups(self) -> list[ParamGroup]:
@@ -155,10 +165,50 @@ class REPAEMethod(DenoisingMethod):
             {"disc_loss": disc_loss.detach(), **{f"disc_{k}": v for k, v in disc_parts.items()}},
         )
 
-        # (3) SiT, on the detached latent with the same t and noise (drawn under the same names);
-        # its BatchNorm in train mode normalises the batch and moves the running statistics
-        latents = self.sit.normalize_latents(z.detach().float())
+        # (3) SiT, on the detached latent with the same t and noise (drawn under the same names),
+        # normalised by the batch's statistics as the SiT's BatchNorm does in train mode
+        latents = self.normalize_by_batch(z.detach().float())
         yield self.model_loss(model, latents, labels, target_tokens, noise)
+
+    @torch.no_grad()
+    def normalize_by_batch(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) -> normalised by per-channel statistics over this micro-batch on every
+        rank (SyncBatchNorm's), with the BatchNorm's eps. The running statistics are not touched
+        here: `finish_step` moves them once per optimiser step, from all of the step's samples,
+        so that every micro-batch's VAE pass sees the statistics the step started with."""
+        bn = self.sit.bn
+        z64 = z.double()
+        moments = torch.stack(
+            [
+                torch.full((z.shape[1],), z.numel() / z.shape[1], dtype=torch.float64, device=z.device),
+                z64.sum(dim=(0, 2, 3)),
+                z64.square().sum(dim=(0, 2, 3)),
+            ]
+        )  # (3, C)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(moments)
+        self._latent_moments.append(moments)
+        count, total, squares = moments
+        mean = total / count
+        var = (squares / count - mean.square()).clamp_min(0)  # biased, as BatchNorm normalises
+        shape = (1, -1, 1, 1)
+        return ((z64 - mean.view(shape)) / torch.sqrt(var.view(shape) + bn.eps)).float()
+
+    @torch.no_grad()
+    def finish_step(self, updated: bool) -> None:
+        """Move the SiT's BatchNorm running statistics by one momentum step towards this
+        step's (unbiased) batch statistics; a skipped step moves nothing."""
+        moments, self._latent_moments = self._latent_moments, []
+        if not updated or not moments:
+            return
+        count, total, squares = torch.stack(moments).sum(dim=0)
+        mean = total / count
+        var = (squares / count - mean.square()).clamp_min(0) * count / (count - 1).clamp_min(1)
+        bn = self.sit.bn
+        momentum = bn.momentum
+        bn.running_mean.mul_(1 - momentum).add_(momentum * mean.to(bn.running_mean.dtype))
+        bn.running_var.mul_(1 - momentum).add_(momentum * var.to(bn.running_var.dtype))
+        bn.num_batches_tracked.add_(1)
 
     def state_dict(self) -> dict:
         return {"vae": self.tokenizer.state_dict(), "discriminator": self.vae_loss.discriminator.state_dict()}

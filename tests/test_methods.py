@@ -1,0 +1,283 @@
+"""The step protocol: a method defined here trains, resumes and exports through `repa train`'s code
+path with no change to the loop; gradient accumulation gives the updates of one large batch; a
+non-finite loss in any group on any rank updates nothing."""
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from repa.data.stream import Batch
+from repa.train import checkpoint as ckpt
+from repa.train.ema import EMA
+from repa.train.logging import read_metrics
+from repa.train.loop import train
+from repa.train.methods import register_method
+from repa.train.methods.base import GroupLoss, MethodContext, ParamGroup, TrainingMethod
+from repa.train.methods.denoising import DenoisingMethod
+from repa.train.randomness import StepNoise
+from repa.train.setup import build_parts
+from repa.train.step import StepRunner
+from tests.test_train import (  # noqa: F401 (fixtures)
+    RESOLUTION,
+    assert_states_equal,
+    encoder_file,
+    final_state,
+    shards,
+    tiny_config,
+)
+from tests.test_train_repae import repae_config, vae_file  # noqa: F401 (fixture)
+
+
+class PenaltyMethod(TrainingMethod):
+    """The plain denoising loss, plus an L2 penalty on a tiny module of its own, trained by its
+    own optimiser (SGD). `poison` = (group, step, rank) makes that group's loss NaN there while
+    its gradients stay finite, so that only the loss check (and, across ranks, the agreement on
+    it) can stop the update."""
+
+    poison: tuple[str, int, int] | None = None
+
+    def __init__(self, denoising: DenoisingMethod, aux: nn.Module, aux_group: ParamGroup, rank: int):
+        self.denoising, self.aux, self.aux_group, self.rank = denoising, aux, aux_group, rank
+        self.steps = 0
+
+    @classmethod
+    def build(cls, context: MethodContext) -> "PenaltyMethod":
+        aux = nn.Linear(3, 2).to(context.device)
+        group = ParamGroup("aux", aux, torch.optim.SGD(aux.parameters(), lr=0.1, momentum=0.9))
+        rank = torch.distributed.get_rank() if context.world_size > 1 else 0
+        return cls(DenoisingMethod.build(context), aux, group, rank)
+
+    def groups(self) -> list[ParamGroup]:
+        return [*self.denoising.groups(), self.aux_group]
+
+    def losses(self, model, batch, noise: StepNoise):
+        for item in self.denoising.losses(model, batch, noise):
+            yield self._maybe_poisoned(item)
+        penalty = self.aux(noise.normal("aux_input", (3,))).square().mean()
+        yield self._maybe_poisoned(GroupLoss("aux", penalty, {"loss_aux": penalty.detach()}))
+        self.steps += 1
+
+    def _maybe_poisoned(self, item: GroupLoss) -> GroupLoss:
+        if self.poison == (item.group, self.steps, self.rank):
+            item.loss = item.loss + float("nan") * item.loss.detach()
+        return item
+
+    def state_dict(self) -> dict:
+        return {"aux": self.aux.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.aux.load_state_dict(state["aux"])
+        self.steps = state["steps"]
+
+    def export(self, ema_model, directory: Path) -> None:
+        torch.save(self.aux.state_dict(), directory / "aux.pt")
+
+
+register_method("l2-penalty", PenaltyMethod)
+
+
+def penalty_config(shards, output_dir, **run):  # noqa: F811
+    config = tiny_config(shards, output_dir, **run)
+    config.run.method = "l2-penalty"
+    return config
+
+
+def test_a_method_defined_outside_the_library_trains_resumes_and_exports(shards, tmp_path):  # noqa: F811
+    straight = train(penalty_config(shards, tmp_path / "a", max_train_steps=6, checkpointing_steps=3))
+    records = read_metrics(straight.run_dir)
+    assert {"loss", "loss_aux", "grad_norm", "grad_norm_aux"} <= records[-1].keys()
+    assert records[-1]["loss_aux"] < records[0]["loss_aux"]  # its own optimiser trained it
+    last = ckpt.latest_checkpoint(straight.run_dir / "checkpoints")
+    state = ckpt.load_file(last / "model.pt")
+    assert set(state["optimizers"]) == {"sit", "aux"} and state["method"]["steps"] == 6
+    exported = torch.load(last / "aux.pt", weights_only=True)
+    assert all(torch.equal(exported[k], state["method"]["aux"][k]) for k in exported)
+
+    train(penalty_config(shards, tmp_path / "b", max_train_steps=3, checkpointing_steps=3))
+    resumed = train(penalty_config(shards, tmp_path / "b", max_train_steps=6, checkpointing_steps=3))
+    assert_states_equal(final_state(straight.run_dir), final_state(resumed.run_dir))
+    resumed_state = ckpt.load_file(ckpt.latest_checkpoint(resumed.run_dir / "checkpoints") / "model.pt")
+    for key, value in state["method"]["aux"].items():
+        assert torch.equal(value, resumed_state["method"]["aux"][key]), key
+
+
+def test_gradient_accumulation_matches_one_large_batch(shards, encoder_file, tmp_path):  # noqa: F811
+    """REPA at global batch 8: 2 micro-batches of 4 train on the same samples, times and noise as
+    one batch of 8, so the weights agree to float rounding."""
+    runs = {}
+    for accumulation in (1, 2):
+        config = tiny_config(shards, tmp_path / str(accumulation), encoder=encoder_file, max_train_steps=4)
+        config.optim.gradient_accumulation_steps = accumulation
+        runs[accumulation] = final_state(train(config).run_dir)
+    for key, value in runs[1]["model"].items():
+        torch.testing.assert_close(runs[2]["model"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+    assert any(not torch.equal(runs[2]["model"][k], v) for k, v in runs[1]["model"].items())  # not one path
+
+
+def _repae_parts(config, seed: int = 0):
+    from repa.train.methods.repae import REPAEMethod
+
+    torch.manual_seed(seed)
+    tokenizer, encoders, model = build_parts(config, torch.device("cpu"), REPAEMethod.model_options)
+    method = REPAEMethod.build(MethodContext(config, tokenizer, encoders, model, torch.device("cpu")))
+    return method, model, EMA(model, decay=0.9)
+
+
+def _images(count: int, seed: int) -> Batch:
+    generator = torch.Generator().manual_seed(seed)
+    return Batch(
+        images=torch.randint(
+            0, 256, (count, 3, RESOLUTION, RESOLUTION), dtype=torch.uint8, generator=generator
+        ),
+        labels=torch.randint(0, 4, (count,), generator=generator),
+        moments=None,
+        features=None,
+        keys=[str(k) for k in range(count)],
+        flipped=torch.zeros(count, dtype=torch.bool),
+    )
+
+
+def _state(method, ema) -> dict[str, torch.Tensor]:
+    """Every group's parameters, the diffusion model's buffers (REPA-E's latent statistics) and
+    the EMA. (The discriminator's BatchNorm statistics are never read in training.)"""
+    state = {}
+    for group in method.groups():
+        for name, tensor in group.module.named_parameters():
+            state[f"{group.name}.{name}"] = tensor.detach().clone()
+        if group.name == "sit":
+            for name, tensor in group.module.named_buffers():
+                state[f"{group.name}.{name}"] = tensor.clone()
+    for name, tensor in ema.state_dict().items():
+        state[f"ema.{name}"] = tensor.clone()
+    return state
+
+
+def test_repae_accumulation_matches_one_large_batch(shards, encoder_file, vae_file, tmp_path, monkeypatch):  # noqa: F811
+    """REPA-E with 2 micro-batches against 1 batch: VAE, critic and SiT (and the SiT's BatchNorm
+    statistics) agree after a few steps. Its BatchNorms normalise each micro-batch by its own
+    statistics, so the batch here is two copies of one half, images and draws alike: each half's
+    statistics are then the whole batch's, and what remains to compare is the accumulation."""
+    config = repae_config(shards, encoder_file, vae_file, tmp_path)
+    original_draw = StepNoise.draw
+
+    def mirrored_draw(self, name, make):
+        if name not in self._drawn:
+            half = make(self.num_samples // 2, self.generator(name))
+            self._drawn[name] = torch.cat([half, half])
+        return original_draw(self, name, make)
+
+    monkeypatch.setattr(StepNoise, "draw", mirrored_draw)
+    states = {}
+    for accumulation in (1, 2):
+        method, model, ema = _repae_parts(config)
+        runner = StepRunner(method, model, model, ema, accumulation=accumulation, seed=0)
+        for step in range(3):
+            half = _images(2, seed=step)
+            whole = Batch(
+                images=torch.cat([half.images, half.images]),
+                labels=torch.cat([half.labels, half.labels]),
+                moments=None,
+                features=None,
+                keys=half.keys + half.keys,
+                flipped=torch.cat([half.flipped, half.flipped]),
+            )
+            outcome = runner.run(step, iter([whole] if accumulation == 1 else [half, half]))
+            assert not outcome.skipped
+        states[accumulation] = _state(method, ema)
+    for key, value in states[1].items():
+        # atol: a conv bias followed by GroupNorm has zero gradient up to rounding (~1e-10), which
+        # Adam (eps 1e-8) turns into steps of ~lr/50 of either sign; a real difference in the
+        # gradients moves weights by up to 2 x lr (1e-4) per step
+        torch.testing.assert_close(states[2][key], value, rtol=1e-4, atol=3e-5, msg=key)
+
+
+@pytest.mark.parametrize("group", ["sit", "aux"])
+def test_a_nonfinite_loss_in_any_group_updates_nothing(shards, tmp_path, group):  # noqa: F811
+    config = penalty_config(shards, tmp_path)
+    torch.manual_seed(0)
+    tokenizer, encoders, model = build_parts(config, torch.device("cpu"))
+    method = PenaltyMethod.build(MethodContext(config, tokenizer, encoders, model, torch.device("cpu")))
+    ema = EMA(model, decay=0.9)
+    runner = StepRunner(method, model, model, ema, seed=0)
+    batches = (_images(8, seed=step) for step in range(3))
+    assert not runner.run(0, batches).skipped
+    before = _state(method, ema)
+    optimizer_states = [copy.deepcopy(g.optimizer.state_dict()) for g in method.groups()]
+    method.poison = (group, 1, 0)
+    outcome = runner.run(1, batches)
+    assert outcome.skipped and outcome.nonfinite
+    after = _state(method, ema)
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+    for group_, saved in zip(method.groups(), optimizer_states):
+        assert str(group_.optimizer.state_dict()) == str(saved), group_.name  # no moment moved either
+    method.poison = None
+    assert not runner.run(2, batches).skipped  # and training goes on
+
+
+PER_RANK_SCRIPT = """
+import json, sys, torch
+from accelerate import PartialState
+from torch.nn.parallel import DistributedDataParallel
+sys.path.insert(0, {root!r})
+from repa.config import ExperimentConfig
+from repa.train.ema import EMA
+from repa.train.methods.base import MethodContext
+from repa.train.setup import build_parts
+from repa.train.step import StepRunner
+from tests.test_methods import PenaltyMethod, _images, _state
+
+state = PartialState(cpu=True)
+rank, world = state.process_index, state.num_processes
+config = ExperimentConfig.from_dict(json.loads(open(sys.argv[1]).read()))
+torch.manual_seed(0)
+tokenizer, encoders, model = build_parts(config, torch.device("cpu"))
+method = PenaltyMethod.build(MethodContext(config, tokenizer, encoders, model, torch.device("cpu"), world))
+ema = EMA(model, decay=0.9)
+runner = StepRunner(method, DistributedDataParallel(model), model, ema, seed=0, rank=rank, world_size=world)
+report = {{}}
+for group in ("sit", "aux"):
+    runner.run(0, iter([_images(4, seed=rank)]))
+    before = _state(method, ema)
+    method.poison = (group, method.steps, 1)  # NaN on rank 1 only
+    outcome = runner.run(1, iter([_images(4, seed=10 + rank)]))
+    method.poison = None
+    after = _state(method, ema)
+    unchanged = all(torch.equal(after[k], v) for k, v in before.items())
+    report[group] = {{"skipped": outcome.skipped, "unchanged": unchanged}}
+    outcome = runner.run(2, iter([_images(4, seed=20 + rank)]))
+    report[group]["then_trains"] = not outcome.skipped
+report["digest"] = float(sum(p.double().sum() for g in method.groups() for p in g.params))
+open(sys.argv[2] + f".rank{{rank}}", "w").write(json.dumps(report))
+"""
+
+
+@pytest.mark.slow
+def test_a_nonfinite_loss_on_one_rank_updates_nothing_on_any(shards, tmp_path):  # noqa: F811
+    """torchrun, two CPU processes: NaN in one group on rank 1 only; both ranks skip the whole step
+    (weights and EMA bitwise unchanged on each) and stay identical."""
+    script = tmp_path / "ranks.py"
+    script.write_text(PER_RANK_SCRIPT.format(root=str(Path(__file__).parents[1])))
+    (tmp_path / "config.json").write_text(json.dumps(penalty_config(shards, tmp_path).to_dict()))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", "29531", str(script), str(tmp_path / "config.json"),
+               str(tmp_path / "report")]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    reports = [json.loads((tmp_path / f"report.rank{rank}").read_text()) for rank in (0, 1)]
+    for report in reports:
+        for group in ("sit", "aux"):
+            assert report[group] == {"skipped": True, "unchanged": True, "then_trains": True}, (group, report)
+    assert reports[0]["digest"] == reports[1]["digest"]  # the ranks never diverged
+
+
+def test_the_ema_file_is_the_ema_of_the_model_group(shards, tmp_path):  # noqa: F811
+    result = train(penalty_config(shards, tmp_path, max_train_steps=2, checkpointing_steps=2))
+    ema = load_file(ckpt.latest_checkpoint(result.run_dir / "checkpoints") / "ema.safetensors")
+    assert ema.keys() == result.ema_model.state_dict().keys()
