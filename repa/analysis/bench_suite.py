@@ -1,7 +1,8 @@
 """`repa bench`: every benchmark in one run, written as one JSON document.
 
 Sections:
-  train     training-step throughput (repa.analysis.train_throughput), run in this process
+  train     training-step throughput (repa.analysis.train_throughput), run in this process: it
+            times repa.train.step.StepRunner.run, the training loop's own step function
   sampling  interval-aware vs always-batched CFG sampling (benchmarks/bench_sampling.py)
   data      data-stream throughput (benchmarks/bench_data.py)
 The last two are scripts of the source checkout, run as child processes with their own flags;
@@ -56,6 +57,13 @@ def quick_train_config() -> TrainBenchConfig:
         peak_size=512,
         peak_repeats=2,
     )
+
+
+def train_config(quick: bool, low_precision: str) -> TrainBenchConfig:
+    """The training benchmark `repa bench` runs: its fp32 variants, and those of `low_precision`
+    (what --mixed-precision resolved to) when that is bf16."""
+    config = quick_train_config() if quick else TrainBenchConfig()
+    return config.only(("fp32", low_precision))
 
 
 def run_script(
@@ -116,9 +124,7 @@ def run_benchmarks(
     }
     log(choice.summary())
     log("training-step benchmark ...")
-    train_config = quick_train_config() if quick else TrainBenchConfig()
-    train_config = train_config.only(("fp32", choice.label))
-    train, profile_table = run_train_benchmark(train_config, log=log)
+    train, profile_table = run_train_benchmark(train_config(quick, choice.label), log=log)
     if profile_table:
         profile_path = output.with_name(output.stem + ".profile.txt")
         profile_path.write_text(
