@@ -42,6 +42,7 @@ class PenaltyMethod(TrainingMethod):
     it) can stop the update."""
 
     poison: tuple[str, int, int] | None = None
+    aux_factor = 1.0  # a huge factor overflows the fp16 grad scaler's scaled gradients
 
     def __init__(self, denoising: DenoisingMethod, aux: nn.Module, aux_group: ParamGroup, rank: int):
         self.denoising, self.aux, self.aux_group, self.rank = denoising, aux, aux_group, rank
@@ -60,7 +61,7 @@ class PenaltyMethod(TrainingMethod):
     def losses(self, model, batch, noise: StepNoise):
         for item in self.denoising.losses(model, batch, noise):
             yield self._maybe_poisoned(item)
-        penalty = self.aux(noise.normal("aux_input", (3,))).square().mean()
+        penalty = self.aux_factor * self.aux(noise.normal("aux_input", (3,))).square().mean()
         yield self._maybe_poisoned(GroupLoss("aux", penalty, {"loss_aux": penalty.detach()}))
         self.steps += 1
 
@@ -220,6 +221,29 @@ def test_a_nonfinite_loss_in_any_group_updates_nothing(shards, tmp_path, group):
         assert str(group_.optimizer.state_dict()) == str(saved), group_.name  # no moment moved either
     method.poison = None
     assert not runner.run(2, batches).skipped  # and training goes on
+
+
+def test_a_scaler_overflow_in_one_group_skips_every_group_without_counting(shards, tmp_path):  # noqa: F811
+    """fp16's loss scaling (one GradScaler for every group; run here on CPU in fp32): an overflow
+    in the aux group's scaled gradients skips the SiT's update too, lowers the scale once, and
+    does not count as a non-finite step."""
+    config = penalty_config(shards, tmp_path)
+    torch.manual_seed(0)
+    tokenizer, encoders, model = build_parts(config, torch.device("cpu"))
+    method = PenaltyMethod.build(MethodContext(config, tokenizer, encoders, model, torch.device("cpu")))
+    ema = EMA(model, decay=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    runner = StepRunner(method, model, model, ema, seed=0, scaler=scaler)
+    batches = (_images(8, seed=step) for step in range(3))
+    assert not runner.run(0, batches).skipped
+    before, scale = _state(method, ema), scaler.get_scale()
+    method.aux_factor = 1e38  # finite loss, infinite once scaled
+    outcome = runner.run(1, batches)
+    assert outcome.skipped and not outcome.nonfinite
+    assert scaler.get_scale() == scale / 2
+    assert all(torch.equal(_state(method, ema)[k], v) for k, v in before.items())
+    method.aux_factor = 1.0
+    assert not runner.run(2, batches).skipped
 
 
 PER_RANK_SCRIPT = """
