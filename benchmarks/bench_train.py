@@ -4,9 +4,8 @@ Measures the training loop's own step (repa.analysis.train_throughput, whose doc
 the FLOP convention) on 256px-equivalent latents (32x32x4), one 768-d projector aligned at depth
 4 to DINOv2-B-sized targets, batch 8. Variants run interleaved in one process; each figure is
 the median of `--repeats` rounds after a warm-up round, with peak resident memory beside it, and
-utilisation is against the matmul peak measured in the same run. The issue's targets (>= 80% of
-the bf16 peak for the SiT-B/2 step; cached step >= 1.7x faster than the published step with
-on-the-fly DINOv2-B, 4.75 + 1.26 s) are evaluated in the JSON under comparisons.targets, and a
+utilisation is against the matmul peak measured in the same run. The JSON's `comparisons` are
+ratios between variants of this run (bf16 vs fp32, cached vs on-the-fly, ...), and a
 torch.profiler table of one SiT-B/2 bf16 step is written next to it (`<output stem>.profile.txt`).
 
     python benchmarks/bench_train.py --output train.json          # ~5-8 minutes on 2 busy cores
