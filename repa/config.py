@@ -241,6 +241,12 @@ class VAEOptions(_Section):
 
     vae_learning_rate: float = option(1e-4, "VAE AdamW learning rate")
     disc_learning_rate: float = option(1e-4, "discriminator AdamW learning rate")
+    vae_max_grad_norm: float | None = option(
+        None, "gradient clipping norm of the VAE (default: --max-grad-norm)"
+    )
+    disc_max_grad_norm: float | None = option(
+        None, "gradient clipping norm of the discriminator (default: --max-grad-norm)"
+    )
     vae_align_coeff: float = option(1.5, "alignment weight in the VAE loss")
     l1_weight: float = option(1.0, "reconstruction L1 weight")
     lpips_weight: float = option(1.0, "LPIPS weight")

@@ -246,6 +246,22 @@ def test_a_scaler_overflow_in_one_group_skips_every_group_without_counting(shard
     assert not runner.run(2, batches).skipped
 
 
+def test_each_group_is_clipped_to_its_own_norm(shards, tmp_path):  # noqa: F811
+    config = penalty_config(shards, tmp_path)
+    torch.manual_seed(0)
+    tokenizer, encoders, model = build_parts(config, torch.device("cpu"))
+    method = PenaltyMethod.build(MethodContext(config, tokenizer, encoders, model, torch.device("cpu")))
+    method.aux_group.max_grad_norm = 0.01
+    before = [p.detach().clone() for p in method.aux_group.params]
+    outcome = StepRunner(method, model, model, EMA(model, decay=0.9), seed=0).run(
+        0, iter([_images(8, seed=0)])
+    )
+    assert outcome.grad_norms["aux"] > 0.1  # the norm is logged before clipping
+    moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(method.aux_group.params, before)])
+    assert moved.norm() == pytest.approx(0.1 * 0.01, rel=1e-3)  # SGD's first step: lr x clipped gradient
+    assert outcome.grad_norms["sit"] > 0.01  # the other group keeps --max-grad-norm
+
+
 PER_RANK_SCRIPT = """
 import json, sys, torch
 from accelerate import PartialState

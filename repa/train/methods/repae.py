@@ -92,7 +92,9 @@ class REPAEMethod(DenoisingMethod):
         vae_loss = VAELoss(loss_config, lpips=lpips).to(context.device)
         vae_params = [p for p in tokenizer.parameters() if p.requires_grad]
         discriminator = vae_loss.discriminator
-        clip = config.optim.max_grad_norm
+        clip = config.optim.max_grad_norm  # each group's own norm unless set apart
+        vae_clip = clip if vae.vae_max_grad_norm is None else vae.vae_max_grad_norm
+        disc_clip = clip if vae.disc_max_grad_norm is None else vae.disc_max_grad_norm
         return cls(
             tokenizer,
             context.encoders,
@@ -104,12 +106,14 @@ class REPAEMethod(DenoisingMethod):
             label_dropout=config.model.class_dropout_prob,
             sit=model,
             vae_loss=vae_loss,
-            vae_group=ParamGroup("vae", tokenizer, adamw(vae_params, vae.vae_learning_rate, config), clip),
+            vae_group=ParamGroup(
+                "vae", tokenizer, adamw(vae_params, vae.vae_learning_rate, config), vae_clip
+            ),
             critic_group=ParamGroup(
                 "critic",
                 discriminator,
                 adamw(list(discriminator.parameters()), vae.disc_learning_rate, config),
-                clip,
+                disc_clip,
             ),
             vae_align_coeff=vae.vae_align_coeff,
             world_size=context.world_size,
