@@ -109,6 +109,25 @@ def test_a_method_defined_outside_the_library_trains_resumes_and_exports(shards,
         assert torch.equal(value, resumed_state["method"]["aux"][key]), key
 
 
+def test_resuming_with_another_method_names_the_missing_group(shards, tmp_path):  # noqa: F811
+    train(tiny_config(shards, tmp_path, max_train_steps=2, checkpointing_steps=2))
+    with pytest.raises(
+        ValueError, match=r"no optimiser state for parameter group\(s\) \['aux'\].*another --method"
+    ):
+        train(penalty_config(shards, tmp_path, max_train_steps=4, checkpointing_steps=2))
+
+
+def test_a_checkpoint_with_one_optimiser_in_the_old_layout_resumes(shards, tmp_path):  # noqa: F811
+    straight = train(tiny_config(shards, tmp_path / "a", max_train_steps=4, checkpointing_steps=2))
+    train(tiny_config(shards, tmp_path / "b", max_train_steps=2, checkpointing_steps=2))
+    path = tmp_path / "b" / "run" / "checkpoints" / "step-00000002" / "model.pt"
+    state = ckpt.load_file(path)
+    state["optimizer"] = state.pop("optimizers")["sit"]  # as written before parameter groups
+    torch.save(state, path)
+    resumed = train(tiny_config(shards, tmp_path / "b", max_train_steps=4, checkpointing_steps=2))
+    assert_states_equal(final_state(straight.run_dir), final_state(resumed.run_dir))
+
+
 def test_gradient_accumulation_matches_one_large_batch(shards, encoder_file, tmp_path):  # noqa: F811
     """REPA at global batch 8: 2 micro-batches of 4 train on the same samples, times and noise as
     one batch of 8, so the weights agree to float rounding."""

@@ -222,7 +222,10 @@ def train(config: ExperimentConfig) -> TrainResult:
         warn_config_changes(state.get("config", {}), config.to_dict(), accelerator.is_main_process)
         model.load_state_dict(state["model"])
         ema.load_state_dict(load_file(resume_from / "ema.safetensors"))
-        saved_optimizers = state["optimizers"]
+        saved_optimizers = state.get("optimizers")
+        if saved_optimizers is None and "optimizer" in state and len(groups) == 1:
+            saved_optimizers = {groups[0].name: state["optimizer"]}  # written before parameter groups
+        saved_optimizers = saved_optimizers or {}
         missing = [group.name for group in groups if group.name not in saved_optimizers]
         if missing:
             raise ValueError(

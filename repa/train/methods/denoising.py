@@ -69,7 +69,8 @@ class DenoisingMethod(TrainingMethod):
             raise ValueError("--method sit trains without alignment: use --encoder none, or --method repa")
 
     @classmethod
-    def build(cls, context: MethodContext) -> DenoisingMethod:
+    def build(cls, context: MethodContext, **extra) -> DenoisingMethod:
+        """`extra`: a subclass's own constructor arguments."""
         config = context.config
         return cls(
             context.tokenizer,
@@ -80,6 +81,7 @@ class DenoisingMethod(TrainingMethod):
             model_group(context),
             resample_targets=config.model.align_resample,
             label_dropout=config.model.class_dropout_prob,
+            **extra,
         )
 
     def groups(self) -> list[ParamGroup]:

@@ -28,7 +28,7 @@ from torch import nn
 from repa.align import alignment_loss
 from repa.config import ExperimentConfig
 from repa.train.methods.base import GroupLoss, MethodContext, ParamGroup
-from repa.train.methods.denoising import DenoisingMethod, model_group, time_sampler_for
+from repa.train.methods.denoising import DenoisingMethod
 from repa.train.optim import adamw
 from repa.train.randomness import StepNoise
 from repa.transport import interpolate
@@ -95,15 +95,8 @@ class REPAEMethod(DenoisingMethod):
         clip = config.optim.max_grad_norm  # each group's own norm unless set apart
         vae_clip = clip if vae.vae_max_grad_norm is None else vae.vae_max_grad_norm
         disc_clip = clip if vae.disc_max_grad_norm is None else vae.disc_max_grad_norm
-        return cls(
-            tokenizer,
-            context.encoders,
-            config.transport.path_type,
-            time_sampler_for(config),
-            config.model.proj_coeff,
-            model_group(context),
-            resample_targets=config.model.align_resample,
-            label_dropout=config.model.class_dropout_prob,
+        return super().build(
+            context,
             sit=model,
             vae_loss=vae_loss,
             vae_group=ParamGroup(
