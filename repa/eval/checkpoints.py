@@ -15,6 +15,10 @@ Sources, in order of preference for each fact:
             projector widths from projectors.k.{0,4}.weight, qk-norm and REPA-E's latent
             BatchNorm from their keys; the size name (heads) from --model or, when unique, from
             the registry entry with that depth, width and patch size. --tokenizer is then required.
+Integrity: a weights file inside a complete checkpoint whose COMPLETE.json records checksums
+(ema.safetensors, and a tokenizer file such as REPA-E's e2e-vae.pt passed by path) is verified
+before it is loaded; a mismatch is an error naming the file and the checkpoint, never a silent
+fall-back to another checkpoint (repa.runs.verify_checkpoint_file).
 Eval reads checkpoints through repa.runs (the layout); it never imports repa.train.
 """
 
@@ -28,7 +32,14 @@ from pathlib import Path
 
 import torch
 
-from repa.runs import COMPLETE, is_complete, latest_checkpoint, list_checkpoints, parse_checkpoint_name
+from repa.runs import (
+    COMPLETE,
+    is_complete,
+    latest_checkpoint,
+    list_checkpoints,
+    parse_checkpoint_name,
+    verify_checkpoint_file,
+)
 
 EMA_FILE = "ema.safetensors"
 
@@ -134,9 +145,11 @@ def _run_dir_of(weights: Path) -> Path | None:
 
 
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """(SiT state dict, config dict or None) from a .safetensors or .pt/.pth file."""
+    """(SiT state dict, config dict or None) from a .safetensors or .pt/.pth file, verified
+    against its checkpoint's checksums when it is a file of one."""
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} not found")
+    verify_checkpoint_file(path)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -267,6 +280,9 @@ def load_generator(
             )
         tokenizer_name, resolution = tokenizer, None
 
+    for file in (tokenizer_weights, tokenizer_stats):  # e.g. a checkpoint's e2e-vae.pt (REPA-E)
+        if file and Path(file).is_file():
+            verify_checkpoint_file(Path(file))
     tokenizer_module = create_tokenizer(
         tokenizer_name, resolution=resolution or 256, weights=tokenizer_weights, stats=tokenizer_stats
     )

@@ -7,7 +7,10 @@
 For every complete checkpoint of every run (folders with COMPLETE.json) the EMA model is
 sampled and scored; each result is cached in `RUN/eval/step-XXXXXXXX-<hash>.json`, the hash
 covering the sampler settings, sample count, seed, label scheme, metrics, feature spaces
-(with their weights) and the reference, so rerunning only evaluates new checkpoints.
+(with their weights) and the reference, so rerunning only evaluates new checkpoints. Each
+checkpoint's ema.safetensors is verified against its COMPLETE.json checksum before it is
+sampled: a damaged one stops the curves with an error naming the file (a curve with a silent
+hole, or a point from damaged weights, would mislead); restore it, or move it aside to skip it.
 
 Outputs in the output folder:
   curves.csv / curves.json   run, step, images_seen (= step x global batch from the run's

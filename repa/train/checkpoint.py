@@ -6,6 +6,12 @@ and moves the `latest` pointer; old checkpoints are deleted only after that, and
 are kept. Loading skips anything without COMPLETE.json, so a kill at any moment leaves the
 previous checkpoint intact. Files hold tensors and plain Python values only (no pickled
 objects), so they load with torch.load(weights_only=True).
+
+Checksums: COMPLETE.json records a BLAKE2b-256 digest of every file (repa.runs verifies them
+on resume and evaluation). The large files the main process writes are hashed as they are
+written (`save_file`, `save_safetensors` return the digest, which the loop hands to
+`commit_save`), so a save reads nothing back; the rest (other ranks' rng files, a method's
+export) is hashed at commit by reading it.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from repa.runs import (  # noqa: F401
     COMPLETE,
     LATEST,
     STAGING_PREFIX,
+    DamagedCheckpointError,
+    checkpoint_damage,
     checkpoint_name,
     is_complete,
     latest_checkpoint,
@@ -32,8 +40,16 @@ from repa.runs import (  # noqa: F401
     parse_checkpoint_name,
     resolve_resume,
     staging_dir,
+    verify_checkpoint_file,
 )
-from repa.utils.files import fsync_dir, write_bytes_atomic
+from repa.utils.files import (
+    CHECKSUM,
+    HashingWriter,
+    bytes_checksum,
+    file_checksum,
+    fsync_dir,
+    write_bytes_atomic,
+)
 
 
 def begin_save(checkpoints_dir: Path, step: int, is_main: bool, barrier: Callable[[], None]) -> Path:
@@ -56,20 +72,30 @@ def commit_save(
     barrier: Callable[[], None],
     keep_last: int = 2,
     keep_every: int = 0,
+    checksums: dict[str, str | None] | None = None,
 ) -> Path:
-    """After every process wrote into the staging folder: mark complete, rename, prune."""
+    """After every process wrote into the staging folder: mark complete, rename, prune.
+
+    checksums: file name -> digest of the files this (main) process hashed while writing them.
+    Every other file in the folder (other ranks' rng-rank{R}.pt, a method's export) is hashed
+    here by reading it; those are written by code that gets only a path or by another process."""
     barrier()  # all files of all ranks are written
     final = checkpoints_dir / checkpoint_name(step)
     if is_main:
         staging = staging_dir(checkpoints_dir, step)
-        for file in staging.iterdir():  # make the data durable before declaring it complete
+        known = {name: digest for name, digest in (checksums or {}).items() if digest}
+        digests = {}
+        for file in sorted(staging.iterdir()):  # make the data durable before declaring it complete
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
+            digests[file.name] = known.get(file.name) or file_checksum(file)
         record = {
             "step": step,
             "world_size": world_size,
             "time": time.time(),
-            "files": sorted(os.listdir(staging)),
+            "files": sorted(digests),
+            "checksum": CHECKSUM,
+            "checksums": digests,
         }
         write_bytes_atomic(staging / COMPLETE, json.dumps(record, indent=1).encode())
         if final.exists():  # a committed checkpoint of the same step (e.g. re-saved after resume)
@@ -130,8 +156,23 @@ def load_file(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def save_file(obj: dict, path: Path) -> None:
-    torch.save(obj, path)
+def save_file(obj: dict, path: Path) -> str:
+    """torch.save `obj` to `path`; returns the file's checksum, hashed as torch writes it."""
+    with HashingWriter(path) as out:
+        torch.save(obj, out)
+    return out.hexdigest()
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> str:
+    """Write a .safetensors file; returns its checksum. The file is serialised in memory (as
+    safetensors' own save_file does with each tensor), hashed, then written: no read back."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    digest = bytes_checksum(data)
+    with open(path, "wb") as handle:
+        handle.write(data)
+    return digest
 
 
 def capture_rng_state() -> dict:

@@ -1,5 +1,9 @@
 """File helpers shared by data building, training and evaluation: hashing and atomic writes.
 
+Checksums of checkpoint files (repa.runs) are BLAKE2b with a 256-bit digest, the same digest
+as `b2sum -l 256 FILE`; a writer that takes a file object hashes while it writes
+(`HashingWriter`), anything else is hashed by streaming the file in 4 MiB blocks.
+
 Atomic writes: a file appears under its name complete or not at all. The data goes to a hidden
 sibling `.NAME.tmp-PID` (same folder, so the rename cannot cross file systems), is fsynced,
 renamed over the target, and the folder is fsynced so the rename itself survives a power cut.
@@ -24,6 +28,63 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+CHECKSUM = "blake2b-256"  # the name checkpoints record next to their digests
+_BLOCK = 1 << 22
+
+
+def _new_checksum():
+    return hashlib.blake2b(digest_size=32)
+
+
+def file_checksum(path: str | os.PathLike) -> str:
+    """Hex BLAKE2b-256 of a file (`b2sum -l 256`), read in 4 MiB blocks: memory stays flat."""
+    digest = _new_checksum()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def bytes_checksum(data: bytes) -> str:
+    """Hex BLAKE2b-256 of bytes in memory (equal to file_checksum of a file holding them)."""
+    return hashlib.blake2b(data, digest_size=32).hexdigest()
+
+
+class HashingWriter:
+    """A file opened for binary writing that hashes every byte written through it, so a save
+    costs no second read:
+
+        with HashingWriter(path) as out:
+            torch.save(obj, out)       # torch writes a file object sequentially
+        out.hexdigest()                # == file_checksum(path)
+
+    Only sequential writers may use it (no seek/tell): the digest is of the bytes in order.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self._file = open(path, "wb")  # noqa: SIM115 (closed by close() / the with block)
+        self._digest = _new_checksum()
+
+    def write(self, data) -> int:
+        self._digest.update(data)
+        return self._file.write(data)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+    def __enter__(self) -> HashingWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def temporary_path(path: str | os.PathLike) -> Path:
