@@ -218,6 +218,78 @@ def test_repae_accumulation_matches_one_large_batch(shards, encoder_file, vae_fi
         torch.testing.assert_close(states[2][key], value, rtol=1e-4, atol=3e-5, msg=key)
 
 
+def test_repae_latent_statistics_match_torch_batchnorm():
+    """REPA-E's SiT pass normalises like nn.BatchNorm2d in train mode, micro-batch by micro-batch,
+    and moves the running statistics once per step as BatchNorm would over the whole step."""
+    from types import SimpleNamespace
+
+    from repa.train.methods.repae import REPAEMethod
+
+    torch.manual_seed(0)
+    ours = torch.nn.BatchNorm2d(4, eps=1e-4, momentum=0.1, affine=False)
+    reference = copy.deepcopy(ours)
+    ours.running_mean.uniform_(), ours.running_var.uniform_(1, 2)
+    reference.load_state_dict(ours.state_dict())
+    method = SimpleNamespace(sit=SimpleNamespace(bn=ours), world_size=1, _latent_moments=[])
+    micro = [torch.randn(3, 4, 5, 5) * 2 + 1, torch.randn(3, 4, 5, 5) - 1]
+    for z in micro:
+        torch.testing.assert_close(
+            REPAEMethod.normalize_by_batch(method, z), reference(z), rtol=1e-5, atol=1e-5
+        )
+    reference.load_state_dict(ours.state_dict())  # the per-micro-batch forwards moved it twice
+    reference(torch.cat(micro))
+    REPAEMethod.finish_step(method, updated=True)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, msg=key)
+    REPAEMethod.normalize_by_batch(method, micro[0])
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    REPAEMethod.finish_step(method, updated=False)  # a skipped step moves nothing
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in before.items())
+    assert method._latent_moments == []
+
+
+def test_repae_skipped_or_failed_step_leaves_the_sit_as_it_was(shards, encoder_file, vae_file, tmp_path):  # noqa: F811
+    config = repae_config(shards, encoder_file, vae_file, tmp_path)
+    method, model, ema = _repae_parts(config)
+    runner = StepRunner(method, model, model, ema, seed=0)
+    assert not runner.run(0, iter([_images(4, seed=0)])).skipped
+    before = _state(method, ema)
+
+    original = method.vae_loss.generator_loss
+
+    def nan_loss(*args):
+        total, parts = original(*args)
+        return total + float("nan") * total.detach(), parts
+
+    method.vae_loss.generator_loss = nan_loss
+    assert runner.run(1, iter([_images(4, seed=1)])).skipped
+    after = _state(method, ema)
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # BatchNorm statistics included
+
+    class FailingBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("out of memory (simulated)")
+
+    method.vae_loss.generator_loss = lambda *args: (
+        FailingBackward.apply(original(*args)[0]),
+        original(*args)[1],
+    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with pytest.raises(RuntimeError, match="simulated") as failure:
+        runner.run(2, iter([_images(4, seed=2)]))
+    # the VAE pass froze the SiT and put it in eval mode; the abandoned step undid both, also
+    # while the exception (and its traceback's frames) is still held, as a notebook holds it
+    assert failure.traceback
+    assert model.training and [p for p in model.parameters() if p.requires_grad] == trainable
+    assert all(p.requires_grad for p in method.vae_loss.discriminator.parameters())
+    assert method._latent_moments == []
+
+
 @pytest.mark.parametrize("group", ["sit", "aux"])
 def test_a_nonfinite_loss_in_any_group_updates_nothing(shards, tmp_path, group):  # noqa: F811
     config = penalty_config(shards, tmp_path)
@@ -265,20 +337,53 @@ def test_a_scaler_overflow_in_one_group_skips_every_group_without_counting(shard
     assert not runner.run(2, batches).skipped
 
 
-def test_each_group_is_clipped_to_its_own_norm(shards, tmp_path):  # noqa: F811
+def test_each_group_is_clipped_to_its_own_norm(shards, tmp_path, monkeypatch):  # noqa: F811
     config = penalty_config(shards, tmp_path)
     torch.manual_seed(0)
     tokenizer, encoders, model = build_parts(config, torch.device("cpu"))
     method = PenaltyMethod.build(MethodContext(config, tokenizer, encoders, model, torch.device("cpu")))
     method.aux_group.max_grad_norm = 0.01
     before = [p.detach().clone() for p in method.aux_group.params]
+    clipped_to = {}
+    original_clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(params, max_norm, *args, **kwargs):
+        params = list(params)
+        clipped_to[max_norm] = len(params)
+        return original_clip(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
     outcome = StepRunner(method, model, model, EMA(model, decay=0.9), seed=0).run(
         0, iter([_images(8, seed=0)])
     )
     assert outcome.grad_norms["aux"] > 0.1  # the norm is logged before clipping
     moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(method.aux_group.params, before)])
     assert moved.norm() == pytest.approx(0.1 * 0.01, rel=1e-3)  # SGD's first step: lr x clipped gradient
-    assert outcome.grad_norms["sit"] > 0.01  # the other group keeps --max-grad-norm
+    assert clipped_to == {  # the other group keeps --max-grad-norm
+        0.01: len(method.aux_group.params),
+        config.optim.max_grad_norm: len(method.denoising.model_group.params),
+    }
+
+
+def test_a_group_that_no_loss_reached_steps_with_the_others_under_the_scaler(shards, tmp_path):  # noqa: F811
+    """A method whose aux loss is off for a step (a warm-up, a conditional term): its group has no
+    gradient there, which must neither crash the grad scaler nor change what the others do."""
+    config = penalty_config(shards, tmp_path)
+    torch.manual_seed(0)
+    tokenizer, encoders, model = build_parts(config, torch.device("cpu"))
+    method = PenaltyMethod.build(MethodContext(config, tokenizer, encoders, model, torch.device("cpu")))
+    original_losses = PenaltyMethod.losses
+    method.losses = lambda model, batch, noise: (  # only the denoising group's loss
+        item for item in original_losses(method, model, batch, noise) if item.group != "aux"
+    )
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    runner = StepRunner(method, model, model, EMA(model, decay=0.9), seed=0, scaler=scaler)
+    aux_before = [p.detach().clone() for p in method.aux_group.params]
+    sit_before = [p.detach().clone() for p in method.denoising.model_group.params]
+    outcome = runner.run(0, iter([_images(8, seed=0)]))
+    assert not outcome.skipped and float(outcome.grad_norms["aux"]) == 0.0
+    assert all(torch.equal(p, b) for p, b in zip(method.aux_group.params, aux_before))
+    assert any(not torch.equal(p, b) for p, b in zip(method.denoising.model_group.params, sit_before))
 
 
 PER_RANK_SCRIPT = """

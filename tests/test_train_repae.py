@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from repa.tokenizers import create_tokenizer, save_latent_stats
 from repa.train import checkpoint as ckpt
@@ -86,10 +87,12 @@ def test_repae_trains_exports_and_resumes(shards, encoder_file, vae_file, tmp_pa
     # The E2E-VAE export loads as a tokenizer, with its statistics from the EMA BatchNorm.
     exported = create_tokenizer(str(last / "e2e-vae.pt"))
     stats = torch.load(last / "e2e-vae-latents-stats.pt", weights_only=True)
-    ema_bn_mean = ckpt.load_file(last / "model.pt")["model"]["bn.running_mean"]
+    ema = load_file(last / "ema.safetensors")
     assert stats["latents_bias"].shape == (1, 4, 1, 1) and exported.latent_channels == 4
     assert not torch.equal(stats["latents_bias"].flatten(), torch.full((4,), 0.1))  # BN stats moved
-    assert torch.isfinite(ema_bn_mean).all()
+    # the exported statistics are the EMA model's BatchNorm's (std includes its eps)
+    assert torch.allclose(stats["latents_bias"].flatten(), ema["bn.running_mean"])
+    assert torch.allclose(1 / stats["latents_scale"].flatten() ** 2, ema["bn.running_var"] + 1e-4)
     # Resume equivalence holds for REPA-E too (VAE, critic and their optimisers are checkpointed).
     train(
         repae_config(shards, encoder_file, vae_file, tmp_path / "b", max_train_steps=3, checkpointing_steps=3)
@@ -97,13 +100,18 @@ def test_repae_trains_exports_and_resumes(shards, encoder_file, vae_file, tmp_pa
     resumed = train(
         repae_config(shards, encoder_file, vae_file, tmp_path / "b", max_train_steps=6, checkpointing_steps=3)
     )
-    a = ckpt.load_file(last / "model.pt")
-    b = ckpt.load_file(ckpt.latest_checkpoint(resumed.run_dir / "checkpoints") / "model.pt")
-    for part in ("model",):
-        for key in a[part]:
-            assert torch.equal(a[part][key], b[part][key]), key
-    for key in a["method"]["vae"]:
-        assert torch.equal(a["method"]["vae"][key], b["method"]["vae"][key]), key
+    resumed_last = ckpt.latest_checkpoint(resumed.run_dir / "checkpoints")
+    a, b = ckpt.load_file(last / "model.pt"), ckpt.load_file(resumed_last / "model.pt")
+    for part in ("model", ("method", "vae"), ("method", "discriminator")):
+        left, right = (
+            (a[part], b[part]) if isinstance(part, str) else (a[part[0]][part[1]], b[part[0]][part[1]])
+        )
+        assert left.keys() == right.keys()
+        for key in left:
+            assert torch.equal(left[key], right[key]), (part, key)
+    assert str(a["optimizers"]) == str(b["optimizers"])  # every group's moments and step counts
+    for key, value in load_file(resumed_last / "ema.safetensors").items():
+        assert torch.equal(ema[key], value), key
 
 
 def test_repae_rejects_pixels(shards, encoder_file, vae_file, tmp_path):  # noqa: F811

@@ -82,37 +82,13 @@ class StepRunner:
                 for param_group in group.optimizer.param_groups:
                     param_group["lr"] = group.learning_rate(step)
         self.model.train()
-        index = {group.name: k for k, group in enumerate(self.groups)}
-        loss_nonfinite = torch.zeros(len(self.groups), device=self.device)
-        metrics: dict[str, torch.Tensor] = {}
-        noise: StepNoise | None = None
-        samples = 0
-        for micro in range(self.accumulation):
-            batch = next(batches)
-            size = len(batch)
-            if noise is None:  # every micro-batch of a rank has the same size
-                noise = StepNoise(
-                    derive_seed(self.seed, self.rank, step, 1), size * self.accumulation, self.device
-                )
-            noise.select(micro * size, (micro + 1) * size)
-            last = micro == self.accumulation - 1
-            with contextlib.nullcontext() if last else self.no_sync():
-                losses = self.method.losses(self.model, batch, noise)
-                while True:
-                    with self.autocast():
-                        item = next(losses, None)
-                    if item is None:
-                        break
-                    group = self.by_name[item.group]
-                    loss_nonfinite[index[item.group]] += (~torch.isfinite(item.loss.detach())).float()
-                    scaled = item.loss / self.accumulation
-                    if self.scaler is not None:
-                        scaled = self.scaler.scale(scaled)
-                    scaled.backward(inputs=group.params)
-                    for key, value in item.metrics.items():
-                        metrics[key] = metrics.get(key, 0.0) + value.detach() / self.accumulation
-            samples += size
-
+        for group in self.groups:  # nothing left over from a step abandoned by an exception
+            group.optimizer.zero_grad(set_to_none=True)
+        try:
+            loss_nonfinite, metrics, samples = self._accumulate(step, batches)
+        except BaseException:
+            self.method.finish_step(updated=False)
+            raise
         grad_norms = self._reduce_and_clip()
         # One collective: every group's non-finite loss and gradient, the stop request, and the
         # skipped-sample count, so that all ranks take the same decision.
@@ -153,13 +129,56 @@ class StepRunner:
             grad_norms=grad_norms,
         )
 
+    def _accumulate(self, step: int, batches: Iterator) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        """Every micro-batch's losses, backpropagated into their groups. Returns the per-group
+        non-finite loss counts, the metrics averaged over micro-batches, and the samples."""
+        index = {group.name: k for k, group in enumerate(self.groups)}
+        loss_nonfinite = torch.zeros(len(self.groups), device=self.device)
+        metrics: dict[str, torch.Tensor] = {}
+        noise: StepNoise | None = None
+        samples = 0
+        for micro in range(self.accumulation):
+            batch = next(batches)
+            size = len(batch)
+            if noise is None:  # every micro-batch of a rank has the same size
+                seed = derive_seed(self.seed, self.rank, step, 1)
+                noise = StepNoise(seed, size * self.accumulation, self.device)
+            noise.select(micro * size, (micro + 1) * size)
+            last = micro == self.accumulation - 1
+            # closing: a method's clean-up (REPA-E unfreezes the SiT) runs even when a backward
+            # pass fails half-way
+            with (
+                contextlib.nullcontext() if last else self.no_sync(),
+                contextlib.closing(self.method.losses(self.model, batch, noise)) as losses,
+            ):
+                while True:
+                    with self.autocast():
+                        item = next(losses, None)
+                    if item is None:
+                        break
+                    group = self.by_name[item.group]
+                    loss_nonfinite[index[item.group]] += (~torch.isfinite(item.loss.detach())).float()
+                    scaled = item.loss / self.accumulation
+                    if self.scaler is not None:
+                        scaled = self.scaler.scale(scaled)
+                    scaled.backward(inputs=group.params)
+                    for key, value in item.metrics.items():
+                        metrics[key] = metrics.get(key, 0.0) + value.detach() / self.accumulation
+            samples += size
+        return loss_nonfinite, metrics, samples
+
     def _reduce_and_clip(self) -> dict[str, torch.Tensor]:
         """Average the gradients DDP does not (groups other than the wrapped model's), unscale,
         clip each group to its own norm. Returns the norms before clipping."""
         norms = {}
         for group in self.groups:
-            grads = [p.grad for p in group.params if p.grad is not None]
-            if self.world_size > 1 and grads and group.module is not self.unwrapped:
+            # A parameter no loss reached this step gets a zero gradient, so that every rank runs
+            # the same collectives on the same sizes and the grad scaler sees every group.
+            for p in group.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grads = [p.grad for p in group.params]
+            if self.world_size > 1 and group.module is not self.unwrapped:
                 flat = torch.cat([g.flatten().float() for g in grads])
                 torch.distributed.all_reduce(flat)  # a NaN anywhere makes the sum NaN everywhere
                 flat /= self.world_size

@@ -1,9 +1,12 @@
 """The flow-matching training objective: which times to train on, and the denoising loss.
 
-One training step is
+In one function (`sample_training_inputs`, drawing from one generator):
 
     t, noise, x_t, target_velocity = sample_training_inputs(latents, path, time_sampler)
     loss = denoising_loss(model(x_t, t, labels), target_velocity).mean()
+
+The training loop draws t and noise itself, per name for the whole step (repa/train/randomness.py),
+and then calls `interpolate` and `denoising_loss` (repa/train/methods/denoising.py).
 
 Time samplers (by name, see `create_time_sampler`):
   "uniform"       t ~ U[0, 1)

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from repa.config import ExperimentConfig
-from repa.precision import PrecisionChoice
 from repa.train.randomness import StepNoise
 
 
@@ -76,11 +75,6 @@ class TrainingMethod:
         """Raise ValueError for a config this method cannot train (no weights or data needed)."""
 
     @classmethod
-    def check_precision(cls, config: ExperimentConfig, precision: PrecisionChoice) -> PrecisionChoice:
-        """The precision to train in, given the resolved one (a method may refuse or replace it)."""
-        return precision
-
-    @classmethod
     def build(cls, context: MethodContext) -> TrainingMethod:
         raise NotImplementedError
 
@@ -97,9 +91,9 @@ class TrainingMethod:
         raise NotImplementedError
 
     def finish_step(self, updated: bool) -> None:
-        """Called once per optimiser step after the updates (`updated` False: the step was
-        skipped), before the EMA follows the model: for state that must move once per step
-        rather than once per micro-batch."""
+        """Called once per optimiser step after the updates, before the EMA follows the model:
+        for state that must move once per step rather than once per micro-batch. `updated` is
+        False when the step was skipped or abandoned (an exception): drop the step's state."""
 
     def state_dict(self) -> dict:
         """State the method owns beyond its groups' optimisers (auxiliary modules, counters)."""
