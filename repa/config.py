@@ -284,6 +284,19 @@ class RunOptions(_Section):
     allow_tf32: bool = option(False, "TF32 matmuls on Ampere+ GPUs")
     compile: bool = option(False, "torch.compile the diffusion model (slower on small CPU models)")
     max_nonfinite_steps: int = option(10, "stop after this many non-finite steps in a row")
+    step_timeout: float = option(
+        600.0,
+        "seconds a training step may take before the rank writes its stacks to the run directory and "
+        "exits (0 disables)",
+    )
+    long_phase_timeout: float = option(
+        3600.0,
+        "the same for start-up with the first step (compilation), checkpoint saves, previews and "
+        "--eval-every evaluations",
+    )
+    lease_stale_after: float = option(
+        300.0, "seconds without a heartbeat after which another start takes over the run directory"
+    )
     log_every: int = option(10, "log metrics every N steps")
     sample_every: int = option(
         10_000, "write an EMA sample grid every N steps (0 disables)", aliases=("--sampling-steps",)
@@ -308,6 +321,10 @@ class RunOptions(_Section):
             raise ValueError(f"--max-train-steps must be >= 0, got {self.max_train_steps}")
         if self.checkpointing_steps < 1:
             raise ValueError(f"--checkpointing-steps must be >= 1, got {self.checkpointing_steps}")
+        if self.step_timeout < 0 or self.long_phase_timeout < 0:
+            raise ValueError("--step-timeout and --long-phase-timeout must be >= 0 (0 disables)")
+        if self.lease_stale_after <= 0:
+            raise ValueError(f"--lease-stale-after must be > 0, got {self.lease_stale_after}")
         if self.keep_checkpoints < 2:
             raise ValueError(
                 f"--keep-checkpoints must be >= 2, got {self.keep_checkpoints}: the newest may be mid-save "
@@ -350,7 +367,7 @@ class ExperimentConfig:
     def validate(self) -> ExperimentConfig:
         """Checks across sections that need no weights or data, the training method's included.
         Returns self."""
-        from repa.train.methods import get_method  # the registry of names imports no torch
+        from repa.train.methods import get_method  # (loads the method's module, and torch)
 
         get_method(self.method).check_config(self)
         if self.data.batch_size % self.optim.gradient_accumulation_steps:

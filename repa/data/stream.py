@@ -57,6 +57,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from repa.data import shards as fmt
+from repa.utils.process import die_with_parent
 
 
 class StreamError(RuntimeError):
@@ -554,11 +555,7 @@ def _leave_stop_signals_to_the_rank(worker_id: int) -> None:
     its rank instead of outliving it."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    die_with_parent(signal.SIGKILL)
 
 
 @dataclass

@@ -24,6 +24,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -35,10 +36,12 @@ from repa.train.ema import EMA
 from repa.train.logging import MetricsLogger
 from repa.train.methods import get_method
 from repa.train.methods.base import MethodContext
-from repa.train.optim import lr_at
 from repa.train.randomness import derive_seed
+from repa.train.runlock import RunLock, RunLockedError
 from repa.train.setup import build_parts, cached_fields, read_shard_manifest
 from repa.train.step import StepRunner
+from repa.train.watchdog import StepWatchdog
+from repa.utils.process import die_with_parent
 
 
 @dataclass
@@ -134,6 +137,11 @@ def warn_config_changes(saved: dict, current: dict, is_main: bool) -> None:
 
 def train(config: ExperimentConfig) -> TrainResult:
     """Train (or resume) the run described by `config`; returns where it stopped."""
+    with contextlib.ExitStack() as cleanup:  # the run-directory lock, the watchdog
+        return _train(config, cleanup)
+
+
+def _train(config: ExperimentConfig, cleanup: contextlib.ExitStack) -> TrainResult:
     from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
@@ -145,7 +153,18 @@ def train(config: ExperimentConfig) -> TrainResult:
     method_class = get_method(config.method)
     # Every rank computes in the same precision: rank 0's choice (a CPU probe, or a mixed
     # cluster, could otherwise split the job). Every rank resolves, so a bad choice fails on all.
-    distributed = PartialState(cpu=not torch.cuda.is_available())
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # Launched by torchrun, which starts each rank in a session of its own: if the launcher
+        # dies (kill -9, a lost login node), the ranks stop as on a scheduler's SIGTERM instead
+        # of training on as orphans beside a requeued job.
+        die_with_parent(signal.SIGTERM)
+    run = config.run
+    # The collectives wait longer than any allowance of the watchdog, so that a frozen rank is
+    # reported by the watchdog (with stacks) rather than by a timeout deep in the backend.
+    group_timeout = {"timeout": timedelta(seconds=max(run.step_timeout, run.long_phase_timeout) + 120)}
+    distributed = PartialState(
+        cpu=not torch.cuda.is_available(), **(group_timeout if run.step_timeout else {})
+    )
     chosen = [resolve_precision(config.run.mixed_precision)]
     precision = (
         broadcast_object_list(chosen, from_process=0)[0] if distributed.num_processes > 1 else chosen[0]
@@ -187,8 +206,26 @@ def train(config: ExperimentConfig) -> TrainResult:
 
     run_dir = run_dir_for(config)
     checkpoints_dir = run_dir / "checkpoints"
+    # One writer per run directory: the main process takes the lock, every rank learns the outcome.
+    refusal = [None]
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_lock = RunLock(run_dir, stale_after=run.lease_stale_after)
+        try:
+            note = run_lock.acquire()
+        except RunLockedError as error:
+            refusal = [str(error)]
+        else:
+            cleanup.callback(run_lock.release)
+            if note:
+                print(note, file=sys.stderr, flush=True)
+    if world > 1:
+        refusal = broadcast_object_list(refusal, from_process=0)
+    if refusal[0] is not None:
+        raise RunLockedError(refusal[0])
+    watchdog = StepWatchdog(run_dir, rank, lambda: ckpt.latest_checkpoint(checkpoints_dir))
+    cleanup.callback(watchdog.stop)
+    watchdog.expect(run.long_phase_timeout if run.step_timeout else 0, "starting up")
+    if accelerator.is_main_process:
         ckpt.remove_stale_staging(checkpoints_dir)
         save_config(config, run_dir / "config.yaml")
         print(precision.summary(), flush=True)
@@ -214,7 +251,10 @@ def train(config: ExperimentConfig) -> TrainResult:
     # --- resume -----------------------------------------------------------------------------
     step, nonfinite_total = 0, 0
     data_state: dict = {}  # this rank's stream counters at the checkpoint
-    resume_from = ckpt.resolve_resume(config.run.resume, checkpoints_dir)
+    # every rank verifies the same files, so all pick the same checkpoint; the main one says so
+    resume_from = ckpt.resolve_resume(
+        config.run.resume, checkpoints_dir, quiet=not accelerator.is_main_process
+    )
     if resume_from is not None:
         from safetensors.torch import load_file
 
@@ -230,7 +270,8 @@ def train(config: ExperimentConfig) -> TrainResult:
         if missing:
             raise ValueError(
                 f"{resume_from} has no optimiser state for parameter group(s) {missing} (it holds "
-                f"{sorted(saved_optimizers)}): was it written by another --method?"
+                f"{sorted(saved_optimizers) or 'one optimiser, in the layout before parameter groups'}): "
+                "was it written by another --method, or by a repa from before parameter groups?"
             )
         for group in groups:
             group.optimizer.load_state_dict(saved_optimizers[group.name])
@@ -337,10 +378,9 @@ def train(config: ExperimentConfig) -> TrainResult:
             raise ckpt.DiskFullError(message) from None
 
     def write_checkpoint_files(at_step: int, staging: Path) -> None:
+        checksums = {}  # hashed while written; commit_save hashes the other ranks' and export's files
         if accelerator.is_main_process:
-            from safetensors.torch import save_file
-
-            ckpt.save_file(
+            checksums["model.pt"] = ckpt.save_file(
                 {
                     "model": model.state_dict(),
                     "optimizers": {group.name: group.optimizer.state_dict() for group in groups},
@@ -354,12 +394,12 @@ def train(config: ExperimentConfig) -> TrainResult:
             )
             method.export(ema.model, staging)
             ema_state = {k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}
-            save_file(
+            checksums["ema.safetensors"] = ckpt.save_safetensors(
                 ema_state, staging / "ema.safetensors", metadata={"config": json.dumps(config.to_dict())}
             )
         rng_state = ckpt.capture_rng_state()
         rng_state["data"] = {"batches_seen": stream.batches_seen, "num_skipped": stream.num_skipped}
-        ckpt.save_file(rng_state, staging / f"rng-rank{rank}.pt")
+        checksums[f"rng-rank{rank}.pt"] = ckpt.save_file(rng_state, staging / f"rng-rank{rank}.pt")
         ckpt.commit_save(
             checkpoints_dir,
             at_step,
@@ -368,6 +408,7 @@ def train(config: ExperimentConfig) -> TrainResult:
             accelerator.wait_for_everyone,
             keep_last=config.run.keep_checkpoints,
             keep_every=config.run.keep_every,
+            checksums=checksums,
         )
 
     last_metrics: dict = {}
@@ -379,6 +420,10 @@ def train(config: ExperimentConfig) -> TrainResult:
     try:
         while step < config.run.max_train_steps:
             outcome = runner.run(step, data_iter, lambda: (stop.requested, stream.num_skipped))
+            if run.step_timeout:  # logging, previews, evaluations and saves come next
+                watchdog.expect(
+                    run.long_phase_timeout, f"logging, evaluating or saving after step {step + 1}"
+                )
             window_samples += outcome.samples * world
             stop_now, data_skipped = outcome.stop, outcome.data_skipped
             if outcome.nonfinite:
@@ -406,7 +451,7 @@ def train(config: ExperimentConfig) -> TrainResult:
                         "grad_norm" if name == model_group else f"grad_norm_{name}": float(norm)
                         for name, norm in outcome.grad_norms.items()
                     },
-                    "lr": lr_at(step - 1, config),
+                    "lr": runner.model_group().optimizer.param_groups[0]["lr"],  # the step's own
                     "samples_per_sec": window_samples / max(elapsed, 1e-9),
                     "samples_seen": step * config.data.batch_size,
                     "nonfinite_steps": nonfinite_total,
@@ -449,6 +494,8 @@ def train(config: ExperimentConfig) -> TrainResult:
                 # Rebuild the stream from (seed, rank, batches consumed): a run resumed from this
                 # checkpoint then reads exactly what this one reads next.
                 data_iter = iter(stream)
+            if run.step_timeout:
+                watchdog.expect(run.step_timeout, f"training step {step + 1}")
     finally:
         # Stop the loader workers now, also on an exception or a second Ctrl-C: they ignore
         # SIGTERM, so left to interpreter exit they would hold the process.
