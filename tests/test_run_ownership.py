@@ -84,7 +84,8 @@ def test_a_holder_whose_lease_was_taken_over_exits_without_writing(tmp_path):
 @pytest.mark.slow
 def test_the_same_run_started_twice_refuses_then_a_killed_holder_is_taken_over(shards, tmp_path):  # noqa: F811
     config_file = tmp_path / "run.yaml"
-    command = _train_command(shards, tmp_path, config_file, steps=400, ranks=1, checkpointing_steps=20)
+    # long enough to be still running when the second start comes (~15 s here)
+    command = _train_command(shards, tmp_path, config_file, steps=1500, ranks=1, checkpointing_steps=500)
     first = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run_dir = tmp_path / "run"
     deadline = time.time() + 120
@@ -93,24 +94,28 @@ def test_the_same_run_started_twice_refuses_then_a_killed_holder_is_taken_over(s
     second = subprocess.run(command, env=ENV, capture_output=True, timeout=120)
     assert second.returncode == 2
     assert f"in use by {socket.gethostname()} pid {first.pid}" in second.stderr.decode()
-    assert first.poll() is None  # the first one runs on untouched
+    assert first.wait(timeout=300) == 0  # the first one finishes untouched
+    steps = [record["step"] for record in read_metrics(run_dir)]
+    assert steps == list(range(1, 1501))  # one writer: no second run interleaved in the log
+    assert ckpt.latest_checkpoint(run_dir / "checkpoints").name == "step-00001500"
 
     # A holder that dies without releasing (SIGKILL, with its loader worker): the rerun takes
     # over at once (its process is gone) and resumes from the last complete checkpoint.
-    while time.time() < deadline + 120 and ckpt.latest_checkpoint(run_dir / "checkpoints") is None:
+    command = _train_command(shards, tmp_path, config_file, steps=3000, ranks=1, checkpointing_steps=20)
+    holder = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and ckpt.latest_checkpoint(run_dir / "checkpoints").name == "step-00001500":
         time.sleep(0.05)
-    tree = _process_tree(first.pid)
+    tree = _process_tree(holder.pid)
     for member in tree:
         with contextlib.suppress(psutil.NoSuchProcess):
             member.kill()
     psutil.wait_procs(tree, timeout=10)
-    killed_at = ckpt.latest_checkpoint(run_dir / "checkpoints")
-    steps = [record["step"] for record in read_metrics(run_dir)]
-    assert steps == sorted(set(steps))  # one writer: no interleaved second run in the log
-    config = tiny_config(shards, tmp_path, max_train_steps=int(killed_at.name.split("-")[1]) + 4)
+    killed_at = int(ckpt.latest_checkpoint(run_dir / "checkpoints").name.split("-")[1])
+    assert json.loads((run_dir / "lease.json").read_text())["pid"] == holder.pid  # left behind
+    config = tiny_config(shards, tmp_path, max_train_steps=killed_at + 4)
     config.data.num_workers = 1
-    result = train(config)
-    assert result.step == config.run.max_train_steps
+    assert train(config).step == killed_at + 4
 
 
 @pytest.mark.slow
