@@ -2,7 +2,8 @@
 
 Module and parameter names follow the published DiT/SiT/REPA code so that their checkpoints load
 with strict key matching (`x_embedder.proj`, `t_embedder.mlp.{0,2}`, `y_embedder.embedding_table`,
-`attn.qkv`, `attn.proj`, `mlp.fc1`, `mlp.fc2`, ...).
+`attn.qkv`, `attn.proj`, `mlp.fc1`, `mlp.fc2`, ...), and LightningDiT's for its options
+(`norm1.weight` of RMSNorm). The larger option blocks have their own files: swiglu.py, rope.py.
 """
 
 from __future__ import annotations
@@ -16,9 +17,36 @@ from einops import rearrange
 from torch import nn
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation. x: (B, T, D); shift, scale: (B, D) broadcast over tokens."""
+def modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation. x: (B, T, D); shift, scale: (B, D) broadcast over tokens.
+
+    shift None: scale only (LightningDiT's `wo_shift` blocks)."""
+    if shift is None:
+        return x * (1 + scale.unsqueeze(1))
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last dim, eps 1e-6, weight learned from ones.
+
+    Normalised in float32 and cast back before the weight, as LightningDiT's RMSNorm (key `weight`).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def block_norm(dim: int, rmsnorm: bool) -> nn.Module:
+    """The norm before attention, MLP and final layer: DiT's affine-free LayerNorm (eps 1e-6), or
+    RMSNorm with a learned scale (LightningDiT's `use_rmsnorm`)."""
+    return RMSNorm(dim) if rmsnorm else nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 
 class PatchEmbed(nn.Module):
@@ -121,8 +149,10 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 class Attention(nn.Module):
     """Multi-head self-attention through torch's scaled_dot_product_attention.
 
-    Optional qk-norm (LayerNorm over each head's channels, as timm's `Attention(qk_norm=True)`,
-    which REPA uses, so the keys are `q_norm.*` and `k_norm.*`).
+    Optional qk-norm over each head's channels, keys `q_norm.*` and `k_norm.*`: a LayerNorm with
+    affine parameters (timm's `Attention(qk_norm=True)`, which REPA uses), or with `rms_qk_norm` an
+    RMSNorm (LightningDiT's qk-norm when its blocks use RMSNorm). `rope`, given to forward,
+    rotates q and k after the qk-norm (LightningDiT's order).
 
     On CPU with bf16/fp16 activations (autocast) the product runs as two matmuls instead
     (`matmul_attention`, faster there); set `cpu_low_precision_kernel = "sdpa"` on an instance to
@@ -131,21 +161,31 @@ class Attention(nn.Module):
 
     cpu_low_precision_kernel: str = "matmul"  # "matmul" | "sdpa"
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        rms_qk_norm: bool = False,
+    ):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by the number of heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        norm = RMSNorm if rms_qk_norm else nn.LayerNorm
+        self.q_norm = norm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = norm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: nn.Module | None = None) -> torch.Tensor:
         qkv = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.num_heads)
         q, k, v = qkv.unbind(0)  # each (B, heads, T, head_dim)
         q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = rope(q), rope(k)
         if (
             q.device.type == "cpu"
             and q.dtype in (torch.bfloat16, torch.float16)

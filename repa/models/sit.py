@@ -4,7 +4,16 @@ Read top to bottom: blocks, final layer, the model, weight adapters, the size re
 The module layout and parameter names match the published REPA / REPA-E checkpoints so that
 they load with `strict=True` (the keys: docs/conventions.md, "Checkpoint keys").
 
+Options of the block (SiTConfig; docs/conventions.md, "Backbone options"), each composable with
+the others and with the REPA tap:
+  swiglu, rmsnorm, rope, qk_norm, wo_shift   LightningDiT's block (registered as LightningDiT-*),
+                                             in its key layout, so its released weights load;
+  adaln="single"                             PixArt's adaLN-single: one modulation MLP shared by
+                                             all blocks plus a learned (6, D) table per block;
+  grad_checkpointing                         recompute each block in the backward pass (training).
+
 Time convention: REPA's, t=0 is data and t=1 is noise; the network sees the raw t in [0, 1].
+`reverse_time` wraps weights trained the other way (LightningDiT's) so they speak ours.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from repa.models.layers import (
     Attention,
@@ -22,43 +32,90 @@ from repa.models.layers import (
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
+    block_norm,
     build_projector,
     modulate,
     sincos_pos_embed_2d,
 )
+from repa.models.rope import RotaryEmbedding2D
+from repa.models.swiglu import SwiGLU, swiglu_hidden_size
+
+ADALN_MODES = ("block", "single")
 
 # ----------------------------------------------------------------------------------------------
 # Blocks
 
 
 class SiTBlock(nn.Module):
-    """Transformer block with adaLN-Zero conditioning (pre-norm, gated residuals)."""
+    """Transformer block with adaLN conditioning (pre-norm, gated residuals).
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False):
+    The modulation is (shift, scale, gate) for attention and for the MLP, or (scale, gate) twice
+    with `wo_shift`. With adaln="block" (DiT's adaLN-Zero) the block maps c through its own
+    SiLU + Linear(D, nD); with adaln="single" (PixArt) it receives the shared modulation (B, nD)
+    and adds its own learned table `scale_shift_table` (n, D).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qk_norm: bool = False,
+        *,
+        swiglu: bool = False,
+        rmsnorm: bool = False,
+        wo_shift: bool = False,
+        adaln: str = "block",
+    ):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads, qkv_bias=True, qk_norm=qk_norm)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        # c -> (shift, scale, gate) for attention and for the MLP.
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.wo_shift = wo_shift
+        self.num_modulations = 4 if wo_shift else 6
+        self.norm1 = block_norm(hidden_size, rmsnorm)
+        self.attn = Attention(hidden_size, num_heads, qkv_bias=True, qk_norm=qk_norm, rms_qk_norm=rmsnorm)
+        self.norm2 = block_norm(hidden_size, rmsnorm)
+        if swiglu:
+            self.mlp = SwiGLU(hidden_size, swiglu_hidden_size(hidden_size, mlp_ratio))
+        else:
+            self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        if adaln == "block":
+            # c -> the block's modulation; zero-initialised (adaLN-Zero) in SiT.initialize_weights.
+            self.adaLN_modulation = nn.Sequential(
+                nn.SiLU(), nn.Linear(hidden_size, self.num_modulations * hidden_size, bias=True)
+            )
+        else:
+            # PixArt's initialisation: randn / sqrt(D) (the gates are not zero at the start).
+            self.scale_shift_table = nn.Parameter(
+                torch.randn(self.num_modulations, hidden_size) / hidden_size**0.5
+            )
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        # x: (B, T, D); c: (B, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
-            6, dim=-1
-        )
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+    def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """c: (B, D), or (B, n*D) shared modulation for adaLN-single -> n tensors of (B, D)."""
+        if hasattr(self, "adaLN_modulation"):
+            return self.adaLN_modulation(c).chunk(self.num_modulations, dim=-1)
+        return (c.unflatten(-1, (self.num_modulations, -1)) + self.scale_shift_table).unbind(1)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: nn.Module | None = None) -> torch.Tensor:
+        # x: (B, T, D); c: (B, D) or (B, n*D); rope: the model's 2-D RoPE or None
+        if self.wo_shift:
+            scale_msa, gate_msa, scale_mlp, gate_mlp = self.modulation(c)
+            shift_msa = shift_mlp = None
+        else:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
 
 class FinalLayer(nn.Module):
-    """LayerNorm, adaLN shift/scale, then a linear map from each token to its p*p*C outputs."""
+    """Norm, adaLN shift/scale, then a linear map from each token to its p*p*C outputs.
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    The final layer keeps its own Linear(D, 2D) modulation under adaLN-single too (see
+    docs/conventions.md, "Backbone options": PixArt swaps it for a table).
+    """
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, rmsnorm: bool = False):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_final = block_norm(hidden_size, rmsnorm)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
@@ -95,6 +152,17 @@ class SiTConfig:
     # REPA-E: a BatchNorm (no affine) that normalises the VAE latents; its running statistics
     # are part of the diffusion model's state (keys `bn.*`).
     latent_batchnorm: bool = False
+    # LightningDiT's block options (all on but qk-norm and wo_shift for LightningDiT-*).
+    swiglu: bool = False  # SwiGLU FFN (w12, w3) in place of the GELU MLP
+    rmsnorm: bool = False  # RMSNorm with a learned scale in place of the affine-free LayerNorms
+    rope: bool = False  # 2-D RoPE on q and k (the fixed sin-cos pos_embed is still added)
+    wo_shift: bool = False  # adaLN gives scale and gate only (4D instead of 6D per block)
+    adaln: str = "block"  # "block": adaLN-Zero per block; "single": PixArt's shared adaLN
+    # Recompute each block in the backward pass (training with gradients only; same numbers).
+    grad_checkpointing: bool = False
+    # Weights trained with t=1 data and v = x - e (LightningDiT's released models): the network is
+    # fed 1 - t and its output negated, so forward/velocity keep our convention.
+    reverse_time: bool = False
 
     def __post_init__(self) -> None:
         if self.input_size % self.patch_size:
@@ -108,6 +176,14 @@ class SiTConfig:
             raise ValueError(
                 f"align depth {self.align_depth} is out of range: it counts blocks from 1 and this model "
                 f"has {self.depth}, so choose 1..{self.depth} (REPA uses 8 for L/XL, 4 for B)"
+            )
+        if self.adaln not in ADALN_MODES:
+            raise ValueError(f"--adaln {self.adaln!r} is not one of: {', '.join(ADALN_MODES)}")
+        head_dim = self.hidden_size // self.num_heads
+        if self.rope and head_dim % 4:
+            raise ValueError(
+                f"--rope needs a head width divisible by 4, but --hidden-size {self.hidden_size} / "
+                f"--num-heads {self.num_heads} gives {head_dim}: change either, or drop --rope"
             )
         self.projector_out_dims = [int(d) for d in self.projector_out_dims]
 
@@ -139,16 +215,28 @@ class SiT(nn.Module):
         self.y_embedder = LabelEmbedder(config.num_classes, hidden, config.class_dropout_prob)
         # Fixed sin-cos embedding, stored as a frozen Parameter as in the published checkpoints.
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, hidden), requires_grad=False)
+        # 2-D RoPE tables for this grid, shared by every block's attention (not saved).
+        self.feat_rope = (
+            RotaryEmbedding2D(hidden // config.num_heads, config.grid_size) if config.rope else None
+        )
+        block_options = dict(
+            swiglu=config.swiglu, rmsnorm=config.rmsnorm, wo_shift=config.wo_shift, adaln=config.adaln
+        )
         self.blocks = nn.ModuleList(
             [
-                SiTBlock(hidden, config.num_heads, config.mlp_ratio, config.qk_norm)
+                SiTBlock(hidden, config.num_heads, config.mlp_ratio, config.qk_norm, **block_options)
                 for _ in range(config.depth)
             ]
         )
+        if config.adaln == "single":
+            # PixArt's `t_block`: c -> the modulation every block shares (each adds its own table).
+            self.t_block = nn.Sequential(
+                nn.SiLU(), nn.Linear(hidden, self.blocks[0].num_modulations * hidden, bias=True)
+            )
         self.projectors = nn.ModuleList(
             [build_projector(hidden, config.projector_dim, dim) for dim in config.projector_out_dims]
         )
-        self.final_layer = FinalLayer(hidden, config.patch_size, config.out_channels)
+        self.final_layer = FinalLayer(hidden, config.patch_size, config.out_channels, config.rmsnorm)
         if config.latent_batchnorm:
             self.bn = nn.BatchNorm2d(config.in_channels, eps=1e-4, momentum=0.1, affine=False)
         self.initialize_weights()
@@ -159,7 +247,12 @@ class SiT(nn.Module):
         return self.config.num_classes
 
     def initialize_weights(self) -> None:
-        """DiT's initialisation: xavier linears, zero adaLN outputs and final layer (adaLN-Zero)."""
+        """DiT's initialisation: xavier linears, zero adaLN outputs and final layer (adaLN-Zero).
+
+        adaLN-single follows PixArt instead: its shared MLP's output layer is N(0, 0.02) and the
+        per-block tables randn / sqrt(D), so the blocks are live from the start; the final layer
+        is zero either way, so every model predicts zero velocity at initialisation.
+        """
 
         def init_linear(module: nn.Module) -> None:
             if isinstance(module, nn.Linear):
@@ -177,10 +270,12 @@ class SiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        # Zero-out adaLN modulation: every block starts as the identity.
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        if self.config.adaln == "single":
+            nn.init.normal_(self.t_block[-1].weight, std=0.02)
+        else:  # Zero-out adaLN modulation: every block starts as the identity.
+            for block in self.blocks:
+                nn.init.zeros_(block.adaLN_modulation[-1].weight)
+                nn.init.zeros_(block.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
@@ -208,11 +303,30 @@ class SiT(nn.Module):
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_input(x)
+        if self.config.reverse_time:
+            t = 1 - t
         tokens = self.x_embedder(x) + self.pos_embed  # (B, T, D)
         c = self.t_embedder(t) + self.y_embedder(
             y, train=self.training, force_drop_ids=force_drop_ids
         )  # (B, D)
         return tokens, c
+
+    def _block_condition(self, c: torch.Tensor) -> torch.Tensor:
+        """What the blocks receive: c itself, or under adaLN-single the shared modulation (B, n*D)."""
+        return self.t_block(c) if self.config.adaln == "single" else c
+
+    def _run_block(self, block: SiTBlock, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
+            # Keeps only the block's input; its activations are recomputed in the backward pass.
+            return checkpoint(block, tokens, c, self.feat_rope, use_reentrant=False)
+        return block(tokens, c, self.feat_rope)
+
+    def _output(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        velocity = self.unpatchify(self.final_layer(tokens, c))  # (B, C_out, H, W)
+        if self.config.reverse_time:  # v_ours = -v_theirs (a learned variance keeps its sign)
+            channels = self.config.in_channels
+            velocity = torch.cat([-velocity[:, :channels], velocity[:, channels:]], dim=1)
+        return velocity
 
     def forward(
         self,
@@ -232,24 +346,25 @@ class SiT(nn.Module):
         training), in place of the model's own draw in train mode.
         """
         tokens, c = self._embed(x, t, y, force_drop_ids)
+        block_c = self._block_condition(c)
         projections: list[torch.Tensor] = []
         for depth, block in enumerate(self.blocks, start=1):
-            tokens = block(tokens, c)
+            tokens = self._run_block(block, tokens, block_c)
             if depth == self.config.align_depth and len(self.projectors):
                 projections = [projector(tokens) for projector in self.projectors]  # each (B, T, D_k)
                 if align_only:
                     return None, projections
         if align_only:
             raise ValueError("align_only=True needs a model with projectors (projector_out_dims is empty)")
-        velocity = self.unpatchify(self.final_layer(tokens, c))  # (B, C_out, H, W)
-        return velocity, projections
+        return self._output(tokens, c), projections
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The sampler's view: velocity only; the projectors are never evaluated."""
         tokens, c = self._embed(x, t, y)
+        block_c = self._block_condition(c)
         for block in self.blocks:
-            tokens = block(tokens, c)
-        velocity = self.unpatchify(self.final_layer(tokens, c))
+            tokens = self._run_block(block, tokens, block_c)
+        velocity = self._output(tokens, c)
         if self.config.learn_sigma:
             velocity = velocity[:, : self.config.in_channels]
         return velocity
@@ -300,10 +415,68 @@ def convert_legacy_state_dict(
     return converted
 
 
+# Keys that name an option, for the hint under a strict-load error.
+_OPTION_KEYS = {
+    ".mlp.w12.": "swiglu (--swiglu)",
+    ".norm1.weight": "rmsnorm (--rmsnorm)",
+    "feat_rope.": "rope (--rope)",
+    "t_block.": 'adaln="single" (--adaln single)',
+    ".attn.q_norm.": "qk_norm (--qk-norm)",
+    "bn.running_mean": "latent_batchnorm (REPA-E)",
+}
+
+
+def _fixed_tables_for(model: SiT, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict with its fixed tables made to fit `model`.
+
+    - RoPE tables (`feat_rope.freqs_cos` / `freqs_sin`, saved by LightningDiT): dropped when the
+      model has RoPE, after checking that, on the same grid, they are ours (else the rotations
+      the weights learned with differ, and the load is refused). Without RoPE they stay and are
+      reported as unexpected.
+    - `pos_embed` of another grid: the fixed sin-cos table of that grid is replaced by the model's
+      own, so weights trained at one resolution load at another. Any other content stays and is
+      reported as a shape mismatch.
+    Meta tensors (shape-only models) are never compared.
+    """
+    state_dict = dict(state_dict)
+    if model.feat_rope is not None:
+        for key in [k for k in state_dict if k.startswith("feat_rope.")]:
+            theirs, ours = state_dict.pop(key), getattr(model.feat_rope, key.split(".", 1)[1], None)
+            if (
+                ours is not None
+                and theirs.shape == ours.shape
+                and not (theirs.is_meta or ours.is_meta)
+                and not torch.allclose(theirs.float().cpu(), ours.float().cpu(), atol=1e-4)
+            ):
+                raise ValueError(
+                    f"the checkpoint's RoPE table {key} differs from this model's: the weights were "
+                    "trained with another RoPE layout or theta (repa/models/rope.py)"
+                )
+    theirs, ours = state_dict.get("pos_embed"), model.pos_embed
+    if (
+        theirs is not None
+        and theirs.shape != ours.shape
+        and theirs.ndim == 3
+        and theirs.shape[-1] == ours.shape[-1]
+        and not (theirs.is_meta or ours.is_meta)
+    ):
+        grid = round(theirs.shape[1] ** 0.5)
+        if grid * grid == theirs.shape[1] and ours.shape[-1] % 4 == 0:
+            table = torch.from_numpy(sincos_pos_embed_2d(ours.shape[-1], grid))
+            if torch.allclose(theirs[0].float().cpu(), table, atol=1e-5):
+                state_dict["pos_embed"] = ours.detach().clone()
+    return state_dict
+
+
 def load_state_dict_strict(model: SiT, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Load with strict key and shape checking and a message that lists what differs."""
+    """Load with strict key and shape checking and a message that lists what differs.
+
+    Fixed tables that depend only on the grid (RoPE's, and pos_embed of another resolution) are
+    rebuilt for the model rather than read (`_fixed_tables_for`).
+    """
     expected = model.state_dict()
     state_dict = convert_legacy_state_dict(state_dict, model.config.align_depth)
+    state_dict = _fixed_tables_for(model, state_dict)
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     wrong_shape = [
@@ -321,6 +494,10 @@ def load_state_dict_strict(model: SiT, state_dict: Mapping[str, torch.Tensor]) -
             if items:
                 shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
                 lines.append(f"  {title}: {shown}")
+        for title, items in (("checkpoint", unexpected), ("model", missing)):
+            options = sorted({o for part, o in _OPTION_KEYS.items() for k in items if part in k})
+            if options:
+                lines.append(f"  the {title} has keys of option(s) {', '.join(options)} that the other lacks")
         raise ValueError("\n".join(lines))
     model.load_state_dict(state_dict, strict=True)
 
@@ -336,12 +513,28 @@ SIZES: dict[str, tuple[int, int, int]] = {
     "XL": (28, 1152, 16),
 }
 PATCH_SIZES = (1, 2, 4, 8)
-_FAMILIES: dict[str, dict] = {
+# LightningDiT's registry adds 1.0B and 1.6B sizes; it registers patch sizes 1 and 2.
+LIGHTNINGDIT_SIZES: dict[str, tuple[int, int, int]] = {
+    "B": SIZES["B"],
+    "L": SIZES["L"],
+    "XL": SIZES["XL"],
+    "1p0B": (24, 1536, 24),
+    "1p6B": (28, 1792, 28),
+}
+LIGHTNINGDIT_PATCH_SIZES = (1, 2)
+# family -> (sizes, patch sizes, SiTConfig defaults)
+_FAMILIES: dict[str, tuple[dict, tuple[int, ...], dict]] = {
     # SiT as trained by REPA: raw t, velocity only.
-    "SiT": {},
+    "SiT": (SIZES, PATCH_SIZES, {}),
     # DiT as in its paper: t scaled to [0, 1000), learned variance (2C outputs). Kept for
     # `repa flops` comparisons with the DiT paper's table.
-    "DiT": {"learn_sigma": True, "time_scale": 1000.0},
+    "DiT": (SIZES, PATCH_SIZES, {"learn_sigma": True, "time_scale": 1000.0}),
+    # LightningDiT's released block: SwiGLU, RMSNorm, 2-D RoPE (qk-norm and wo_shift off).
+    "LightningDiT": (
+        LIGHTNINGDIT_SIZES,
+        LIGHTNINGDIT_PATCH_SIZES,
+        {"swiglu": True, "rmsnorm": True, "rope": True},
+    ),
 }
 # name -> SiTConfig defaults; models are built by create_model(name, **overrides).
 MODELS: dict[str, dict] = {}
@@ -352,9 +545,9 @@ def register_model(name: str, **defaults) -> None:
     MODELS[name] = defaults
 
 
-for _family, _family_defaults in _FAMILIES.items():
-    for _size, (_depth, _hidden, _heads) in SIZES.items():
-        for _patch in PATCH_SIZES:
+for _family, (_sizes, _patches, _family_defaults) in _FAMILIES.items():
+    for _size, (_depth, _hidden, _heads) in _sizes.items():
+        for _patch in _patches:
             register_model(
                 f"{_family}-{_size}/{_patch}",
                 depth=_depth,
