@@ -60,6 +60,7 @@ Precision = Literal["auto", "no", "fp32", "bf16", "fp16"]  # repa.precision.CHOI
 Logger = Literal["wandb", "tensorboard"]  # repa.train.logging
 EvalMetric = Literal["fid", "sfid", "is", "prc", "fd-dinov2", "fd"]  # repa.eval.metrics.METRICS
 WandbMode = Literal["online", "offline"]
+AdaLNMode = Literal["block", "single"]  # repa.models.sit.ADALN_MODES
 
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 TIME_SAMPLER_NAMES: tuple[str, ...] = get_args(TimeSamplerName)
@@ -118,7 +119,10 @@ class _Section:
 @dataclass
 class ModelOptions(_Section):
     name: str = option(
-        "SiT-XL/2", "diffusion backbone from the registry (SiT-{S,B,L,XL}/{1,2,4,8})", flag="--model"
+        "SiT-XL/2",
+        "diffusion backbone from the registry (SiT-{S,B,L,XL}/{1,2,4,8}, "
+        "LightningDiT-{B,L,XL,1p0B,1p6B}/{1,2})",
+        flag="--model",
     )
     align_depth: int = option(
         8, "REPA tap: block after which hidden tokens are aligned (1-based)", aliases=("--encoder-depth",)
@@ -132,7 +136,29 @@ class ModelOptions(_Section):
     class_dropout_prob: float = option(
         0.1, "label dropout for classifier-free guidance", aliases=("--cfg-prob",)
     )
-    qk_norm: bool = option(False, "LayerNorm on queries and keys in attention")
+    qk_norm: bool = option(
+        False, "norm on queries and keys in attention (LayerNorm, or RMSNorm with --rmsnorm)"
+    )
+    # LightningDiT's block options; None keeps the registered model's (on for LightningDiT-*).
+    swiglu: bool | None = option(
+        None,
+        "SwiGLU FFN (LightningDiT's w12/w3, hidden 2/3 of 4D) in place of the GELU MLP "
+        "(default: as registered)",
+    )
+    rmsnorm: bool | None = option(
+        None, "RMSNorm with a learned scale in place of the affine-free LayerNorms (default: as registered)"
+    )
+    rope: bool | None = option(
+        None, "2-D rotary position embedding on queries and keys (default: as registered)"
+    )
+    wo_shift: bool = option(False, "adaLN without shifts: scale and gate only (LightningDiT's wo_shift)")
+    adaln: AdaLNMode = option(
+        "block",
+        "block: adaLN-Zero MLP per block; single: PixArt's shared adaLN MLP plus a (6, D) table per block",
+    )
+    grad_checkpointing: bool = option(
+        False, "recompute each block's activations in the backward pass (less memory, same numbers)"
+    )
     # Width overrides for small models (tests, the CPU demo); None keeps the registered size.
     hidden_size: int | None = option(None, "override the registered hidden size")
     depth: int | None = option(None, "override the registered number of blocks")
@@ -394,12 +420,15 @@ class ExperimentConfig:
             num_classes=self.model.num_classes,
             class_dropout_prob=self.model.class_dropout_prob,
             qk_norm=self.model.qk_norm,
+            wo_shift=self.model.wo_shift,
+            adaln=self.model.adaln,
+            grad_checkpointing=self.model.grad_checkpointing,
             projector_out_dims=list(projector_dims),
             in_channels=in_channels,
         )
         if input_size is not None:
             overrides["input_size"] = input_size
-        for name in ("hidden_size", "depth", "num_heads"):
+        for name in ("hidden_size", "depth", "num_heads", "swiglu", "rmsnorm", "rope"):
             if getattr(self.model, name) is not None:
                 overrides[name] = getattr(self.model, name)
         return overrides

@@ -107,6 +107,7 @@ def test_bad_preset_keys_and_sections(tmp_path):
 
 # Every field with a fixed set of values: flag, section, key, a bad value, the bad item, the valid values.
 FIXED_SETS = [
+    ("--adaln", "model", "adaln", "shared", "shared", "block, single"),
     ("--path-type", "transport", "path_type", "cosin", "cosin", "linear, cosine"),
     (
         "--time-sampler",
