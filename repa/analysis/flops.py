@@ -46,12 +46,20 @@ class ModelCost:
         return self.adaln_parameters / self.parameters
 
 
+def is_adaln_parameter(name: str) -> bool:
+    """adaLN modulation: per-block and final-layer `adaLN_modulation`, adaLN-single's shared
+    `t_block` and its per-block `scale_shift_table`."""
+    name = f".{name}"
+    return any(part in name for part in (".adaLN_modulation.", ".t_block.", ".scale_shift_table"))
+
+
 def model_cost(
     name: str, resolution: int = 256, latent_downsample: int = 8, latent_channels: int = 4, **overrides
 ) -> ModelCost:
     """Parameters and forward FLOPs of a registered diffusion model for images of `resolution`.
 
-    The model is built on the meta device, so even XL sizes cost nothing to count.
+    The model is built on the meta device, so even XL sizes cost nothing to count. `overrides`
+    are SiTConfig fields (e.g. adaln="single", swiglu=True).
     """
     from repa.models import create_model
 
@@ -66,7 +74,5 @@ def model_cost(
         t = torch.zeros(1)
         labels = torch.zeros(1, dtype=torch.long)
     flops = count_flops(model.velocity, latents, t, labels)
-    adaln = sum(
-        p.numel() for module_name, p in model.named_parameters() if ".adaLN_modulation." in f".{module_name}"
-    )
+    adaln = sum(p.numel() for module_name, p in model.named_parameters() if is_adaln_parameter(module_name))
     return ModelCost(name, resolution, latent_size, count_parameters(model), flops, adaln)

@@ -1,12 +1,28 @@
-"""`repa flops NAME [NAME ...] [--resolution R]`: parameters and forward GFLOPs as a table.
+"""`repa flops NAME [NAME ...] [--resolution R] [model options]`: parameters and forward GFLOPs.
 
-NAME is a diffusion model (SiT-XL/2, DiT-B/4, ...) or a tokenizer (sd-vae-ft-mse, f16d32, ...);
-tokenizers are reported as their encoder and decoder halves.
+NAME is a diffusion model (SiT-XL/2, DiT-B/4, LightningDiT-XL/1, ...) or a tokenizer
+(sd-vae-ft-mse, f16d32, ...); tokenizers are reported as their encoder and decoder halves.
+Model options (--adaln single, --swiglu, --rmsnorm, --rope, --qk-norm, --wo-shift) add a row per
+model with the options, under the row of the model as registered:
+
+    repa flops SiT-XL/2 --adaln single
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import get_args
+
+from repa.config import AdaLNMode, _parse_bool
+
+# Boolean architecture options: SiTConfig field = flag without dashes.
+MODEL_SWITCHES = {
+    "--swiglu": "SwiGLU FFN",
+    "--rmsnorm": "RMSNorm with a learned scale",
+    "--rope": "2-D RoPE on queries and keys",
+    "--qk-norm": "qk-norm",
+    "--wo-shift": "adaLN without shifts",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +37,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--latent-channels", type=int, default=4, help="latent channels (default 4, SD-VAE)")
     parser.add_argument("--num-classes", type=int, default=1000)
+    options = parser.add_argument_group(
+        "model options (each model is printed as registered and, below it, with these)"
+    )
+    options.add_argument("--adaln", choices=get_args(AdaLNMode), default=None, help="adaLN: block or single")
+    for flag, help_text in MODEL_SWITCHES.items():
+        options.add_argument(
+            flag, nargs="?", const=True, default=None, type=_parse_bool, metavar="BOOL", help=help_text
+        )
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """SiTConfig overrides from the option flags that were given."""
+    options = {
+        flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag in MODEL_SWITCHES
+    }
+    options["adaln"] = args.adaln
+    return {key: value for key, value in options.items() if value is not None}
+
+
+def _label(name: str, options: dict) -> str:
+    words = [
+        key.replace("_", "-") if value is True else f"{key.replace('_', '-')}={str(value).lower()}"
+        for key, value in options.items()
+    ]
+    return f"{name} {' '.join(words)}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,36 +75,49 @@ def run(args: argparse.Namespace) -> int:
         if name in list_tokenizers() and name != "pixels":
             halves = tokenizer_flops(name, resolution=args.resolution)
             for half in ("encoder", "decoder"):
-                rows.append((f"{name} {half}", args.resolution, "", None, halves[half], None))
-            rows.append(
-                (f"{name} total", args.resolution, "", None, halves["encoder"] + halves["decoder"], None)
-            )
+                rows.append((f"{name} {half}", args.resolution, "", None, halves[half], None, None))
+            total = halves["encoder"] + halves["decoder"]
+            rows.append((f"{name} total", args.resolution, "", None, total, None, None))
         elif name in list_models():
-            cost = model_cost(
-                name,
-                resolution=args.resolution,
-                latent_downsample=args.latent_downsample,
-                latent_channels=args.latent_channels,
-                num_classes=args.num_classes,
-            )
-            rows.append(
-                (name, cost.resolution, cost.latent_size, cost.parameters, cost.flops, cost.adaln_share)
-            )
+            options = model_options(args)
+            registered = None
+            for label, overrides in [(name, {})] + ([(_label(name, options), options)] if options else []):
+                cost = model_cost(
+                    name,
+                    resolution=args.resolution,
+                    latent_downsample=args.latent_downsample,
+                    latent_channels=args.latent_channels,
+                    num_classes=args.num_classes,
+                    **overrides,
+                )
+                change = None if registered is None else cost.parameters / registered - 1
+                registered = registered or cost.parameters
+                rows.append(
+                    (label, cost.resolution, cost.latent_size, cost.parameters, cost.flops, cost.adaln_share)
+                    + (change,)
+                )
         else:
             choices = [*list_models(), *(t for t in list_tokenizers() if t != "pixels")]
             raise ValueError(f"unknown model or tokenizer {name!r}; choose from: {', '.join(choices)}")
 
+    width = max(22, *(len(row[0]) for row in rows))
     header = (
-        f"{'name':<22} {'resolution':>10} {'latent':>7} {'params (M)':>11} {'GFLOPs':>9} {'adaLN share':>12}"
+        f"{'name':<{width}} {'resolution':>10} {'latent':>7} {'params (M)':>11} {'GFLOPs':>9}"
+        f" {'adaLN share':>12} {'params vs registered':>21}"
     )
     print(
         "FLOPs count one multiply-add as one FLOP (the DiT paper's convention); one image, one forward pass."
     )
     print(header)
     print("-" * len(header))
-    for name, resolution, latent, params, flops, adaln in rows:
+    for name, resolution, latent, params, flops, adaln, change in rows:
         params_text = f"{params / 1e6:.1f}" if params is not None else ""
         adaln_text = f"{adaln:.1%}" if adaln is not None else ""
+        change_text = f"{change:+.1%}" if change is not None else ""
         gflops = flops / 1e9
-        print(f"{name:<22} {resolution:>10} {latent!s:>7} {params_text:>11} {gflops:>9.2f} {adaln_text:>12}")
+        line = (
+            f"{name:<{width}} {resolution:>10} {latent!s:>7} {params_text:>11} {gflops:>9.2f}"
+            f" {adaln_text:>12} {change_text:>21}"
+        )
+        print(line.rstrip())
     return 0
