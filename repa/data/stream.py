@@ -39,7 +39,6 @@ Use in a training loop (the loop saves `stream.state_dict()` with its checkpoint
 
 from __future__ import annotations
 
-import io
 import itertools
 import multiprocessing
 import os
@@ -47,16 +46,16 @@ import random
 import signal
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from repa.data import shards as fmt
+from repa.data.png import decode_png, png_decoder  # noqa: F401 (re-exported: the readers' decoder)
 from repa.utils.process import die_with_parent
 
 
@@ -64,14 +63,21 @@ class StreamError(RuntimeError):
     """The stream cannot go on (nothing decodable left, or shards lacking a requested field)."""
 
 
+# The batch fields a stream can be asked for (`make_train_stream(fields=...)`); labels and keys
+# are always read. "latents": the cached tokenizer moments (of the flipped image where flipped);
+# "features": the cached encoder tokens.
+FIELDS = ("images", "latents", "features")
+
+
 @dataclass
 class Batch:
     """One batch for one rank."""
 
-    # uint8 (B, 3, H, W), already flipped where `flipped`. Stored channels_last (NHWC strides):
+    # uint8 (B, 3, H, W), already flipped where `flipped`; None when the stream was not asked for
+    # images (their PNG members are then never read). Stored channels_last (NHWC strides):
     # PNG decodes to HWC, and a transposing copy in the worker would be a second full copy of
     # every batch; `.to(device)` and `.float()` keep the layout, `.contiguous()` converts.
-    images: torch.Tensor
+    images: torch.Tensor | None
     labels: torch.Tensor  # int64 (B,)
     moments: torch.Tensor | None  # float32 (B, 2C, h, w): cat(mean, std) of the image as returned
     features: torch.Tensor | None  # float16 (B, T, D): encoder target tokens of the image as returned
@@ -85,7 +91,7 @@ class Batch:
 
     def _map(self, fn: Any) -> Batch:
         return Batch(
-            images=fn(self.images),
+            images=None if self.images is None else fn(self.images),
             labels=fn(self.labels),
             moments=None if self.moments is None else fn(self.moments),
             features=None if self.features is None else fn(self.features),
@@ -101,24 +107,6 @@ class Batch:
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
         return self._map(lambda tensor: tensor.to(device, non_blocking=non_blocking))
-
-
-def decode_png(data: bytes, flip: bool = False) -> np.ndarray:
-    """PNG bytes -> uint8 (H, W, 3), mirrored left-right when `flip`.
-
-    PIL rather than torchvision.io.decode_png: the latter crashed the process with SIGSEGV on a
-    PNG with damaged IDAT data here (torchvision 0.29.1), which would kill a loader worker instead
-    of letting it skip the sample. The flip is done by PIL before the array copy: flipping a numpy
-    view made the batch copy several times slower.
-    """
-    with Image.open(io.BytesIO(data)) as image:
-        if image.format != "PNG":
-            raise ValueError(f"expected PNG data, got {image.format}")
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        if flip:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return np.asarray(image)
 
 
 def _require(sample: dict[str, Any], suffix: str) -> bytes:
@@ -151,9 +139,15 @@ def decode_sample(
     with_latents: bool,
     with_features: bool,
     num_classes: int | None = None,
+    with_images: bool = True,
 ) -> dict[str, Any]:
-    """Raw tar sample -> {image (H,W,3) uint8, label, moments, features, key, flipped}."""
-    image = decode_png(_require(sample, fmt.IMAGE), flip=flip)  # mirrored as the cached flipped moments
+    """Raw tar sample -> {image (H,W,3) uint8, label, moments, features, key, flipped}.
+
+    A field not asked for is None and its member is not read (a deferred PNG stays in the file),
+    so a sample whose PNG is damaged or missing is good for a step that reads only its caches."""
+    image = None
+    if with_images:  # mirrored as the cached flipped moments
+        image = decode_png(_require(sample, fmt.IMAGE), flip=flip)
     label = parse_label(_require(sample, fmt.LABEL), num_classes)
     key = fmt.member_bytes(sample[fmt.SOURCE_KEY]).decode() if fmt.SOURCE_KEY in sample else sample["__key__"]
     moments = features = None
@@ -213,7 +207,7 @@ class BatchBuilder:
         tensors = {name: tensor[:rows] for name, tensor in self.tensors.items()}
         return Batch(
             # (B, H, W, 3) -> (B, 3, H, W) as a view: channels_last memory, no transposing copy.
-            images=tensors["image"].permute(0, 3, 1, 2),
+            images=tensors["image"].permute(0, 3, 1, 2) if "image" in tensors else None,
             labels=torch.tensor(self.labels, dtype=torch.int64),
             moments=tensors.get("moments"),
             features=tensors.get("features"),
@@ -352,12 +346,14 @@ class ShardStream(IterableDataset):
         flip: bool,
         with_latents: bool,
         with_features: bool,
+        with_images: bool = True,
     ):
         super().__init__()
         self.urls = list(urls)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.resume_batches, self.shuffle_buffer = seed, resume_batches, shuffle_buffer
         self.flip, self.with_latents, self.with_features = flip, with_latents, with_features
+        self.with_images = with_images
         self.skipped = 0  # per-worker counters (each worker process holds its own copy)
         self._raw_in_last_pass = 0
         self._consecutive_failures = 0
@@ -372,6 +368,9 @@ class ShardStream(IterableDataset):
         self.expected_counts: dict[str, int] = {}
         self.num_classes: int | None = None  # from the manifest: labels outside it are corrupt
         self._short_shards_warned: set[str] = set()
+
+    def _fields(self) -> tuple[bool, bool, bool]:
+        return self.with_images, self.with_latents, self.with_features
 
     def _skip(self, exn: Exception, where: str = "") -> bool:
         """webdataset-style handler: warn, count, continue. `where`: the sample, when known (tar
@@ -443,6 +442,7 @@ class ShardStream(IterableDataset):
                     with_latents=self.with_latents,
                     with_features=self.with_features,
                     num_classes=self.num_classes,
+                    with_images=self.with_images,
                 )
             except Exception as exn:  # noqa: BLE001 (a corrupt sample must not kill the loader)
                 self._skip(exn, where=f"sample {sample.get('__key__')} of {sample.get('__url__')}")
@@ -450,9 +450,11 @@ class ShardStream(IterableDataset):
                 # A whole pass (plus the buffer) without one good sample: nothing decodable is left.
                 limit = self._raw_in_last_pass + self.shuffle_buffer
                 if self._raw_in_last_pass and self._consecutive_failures > limit:
+                    read = [name for name, on in zip(FIELDS, self._fields()) if on]
                     raise StreamError(
-                        f"{self._consecutive_failures} samples in a row failed to decode; "
-                        f"last error: {self._last_error}"
+                        f"{self._consecutive_failures} samples in a row failed to decode (a whole "
+                        f"pass over this worker's shards, reading {', '.join(['labels', *read])}): "
+                        f"nothing decodable left; last error: {self._last_error}"
                     ) from exn
                 continue
             self._consecutive_failures = 0
@@ -666,7 +668,8 @@ class TrainStream:
         labels = torch.tensor(message.labels, dtype=torch.int64, pin_memory=self.pin_memory)
         flipped = torch.tensor(message.flipped, dtype=torch.bool, pin_memory=self.pin_memory)
         return Batch(
-            images=copies["image"].permute(0, 3, 1, 2),  # channels_last view, as BatchBuilder.batch
+            # a channels_last view, as BatchBuilder.batch makes
+            images=copies["image"].permute(0, 3, 1, 2) if "image" in copies else None,
             labels=labels,
             moments=copies.get("moments"),
             features=copies.get("features"),
@@ -732,18 +735,34 @@ def make_train_stream(
     flip: bool = False,
     with_latents: bool = False,
     with_features: bool = False,
+    fields: Collection[str] | None = None,
     pin_memory: bool | None = None,
     num_batches: int | None = None,
 ) -> TrainStream:
     """The training stream of one rank (global rank `rank` of `world_size`, nodes x processes).
 
     `shards`: a brace pattern, `::`-joined patterns, a list of URLs, a folder with a manifest.
+    `fields`: the batch fields to read, of `FIELDS` ("images", "latents", "features"; labels
+    and keys always come): what the training method's step reads (`TrainingMethod.batch_fields`).
+    A field left out is None in every batch and its members are never read or decoded. None:
+    images, plus latents and features as `with_latents` and `with_features` say (which must stay
+    False when `fields` is given).
     `pin_memory=None` pins when CUDA is available. `num_batches`: stop after that many batches
     (the same on every rank); None streams forever. `resume_batches`: batches this rank consumed
     before (see the module docstring for what a resume guarantees).
     """
     if batch_size_per_rank <= 0:
         raise ValueError(f"batch_size_per_rank must be positive, got {batch_size_per_rank}")
+    if fields is None:
+        cached = (("latents", with_latents), ("features", with_features))
+        fields = {"images"} | {name for name, wanted in cached if wanted}
+    elif with_latents or with_features:
+        raise ValueError("pass `fields` or with_latents / with_features, not both")
+    fields = set(fields)
+    unknown = fields - set(FIELDS)
+    if unknown:
+        raise ValueError(f"unknown batch field(s) {sorted(unknown)}: the stream reads {', '.join(FIELDS)}")
+    with_images, with_latents, with_features = (name in fields for name in FIELDS)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside [0, {world_size})")
     urls = fmt.expand_shard_urls(shards)
@@ -779,6 +798,7 @@ def make_train_stream(
         flip=flip,
         with_latents=with_latents,
         with_features=with_features,
+        with_images=with_images,
     )
     dataset.expected_shapes, dataset.expected_counts, dataset.num_classes = shapes, counts, num_classes
     if pin_memory is None:
@@ -804,6 +824,7 @@ def iter_eval_batches(
     with_features: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    with_images: bool = True,
 ) -> Iterator[Batch]:
     """Every sample exactly once, in shard order (no resampling, shuffling or flipping).
 
@@ -816,7 +837,13 @@ def iter_eval_batches(
     for url in urls:
         for sample in fmt.iter_tar_samples(url):
             pending.append(
-                decode_sample(sample, flip=False, with_latents=with_latents, with_features=with_features)
+                decode_sample(
+                    sample,
+                    flip=False,
+                    with_latents=with_latents,
+                    with_features=with_features,
+                    with_images=with_images,
+                )  # fmt: skip
             )
             if len(pending) == batch_size:
                 yield collate(pending)

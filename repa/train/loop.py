@@ -302,7 +302,10 @@ def _train(config: ExperimentConfig, cleanup: contextlib.ExitStack) -> TrainResu
         scaler=scaler,
     )
 
-    with_latents, with_features = cached_fields(config, manifest, tokenizer, encoders)
+    # The stream reads only the fields the method's step reads (no PNG when all it needs is cached).
+    in_shards = cached_fields(config, manifest, tokenizer, encoders)
+    fields = method.batch_fields(frozenset(n for n, on in zip(("latents", "features"), in_shards) if on))
+    with_latents, with_features = "latents" in fields, "features" in fields
     if accelerator.is_main_process and (encoders or tokenizer.name != "pixels"):
         print(
             "targets: "
@@ -313,7 +316,8 @@ def _train(config: ExperimentConfig, cleanup: contextlib.ExitStack) -> TrainResu
                     ("encoder tokens", with_features, bool(encoders)),
                 )
                 if used
-            ),
+            )
+            + ("; images decoded" if "images" in fields else "; images not read"),
             flush=True,
         )
     stream = make_train_stream(
@@ -326,8 +330,7 @@ def _train(config: ExperimentConfig, cleanup: contextlib.ExitStack) -> TrainResu
         resume_batches=step * accum,
         shuffle_buffer=config.data.shuffle_buffer,
         flip=config.data.random_flip,
-        with_latents=with_latents,
-        with_features=with_features,
+        fields=fields,
     )
     # Samples this rank skipped before the checkpoint keep counting in `data_skipped`.
     stream.load_state_dict(

@@ -83,6 +83,14 @@ class TrainingMethod:
         is the context's model: the loop wraps it for DDP and keeps its EMA."""
         raise NotImplementedError
 
+    def batch_fields(self, cached: frozenset[str]) -> frozenset[str]:
+        """The batch fields `losses` reads, given `cached`: those of "latents" and "features"
+        that the shards hold for this run (made by its tokenizer / single encoder). The loop asks
+        the data stream for these only (repa.data.stream.FIELDS); a field left out is None in
+        every batch, and images left out are never read or decoded. Labels always come.
+        Default: images and every cached field."""
+        return frozenset({"images"}) | cached
+
     def losses(self, model: nn.Module, batch, noise: StepNoise) -> Iterator[GroupLoss]:
         """Yield one GroupLoss per group for this micro-batch, in update order. `model` is the
         diffusion model as the loop runs it (DDP-wrapped, compiled). The loop runs this

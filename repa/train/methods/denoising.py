@@ -87,18 +87,32 @@ class DenoisingMethod(TrainingMethod):
     def groups(self) -> list[ParamGroup]:
         return [self.model_group]
 
+    def batch_fields(self, cached: frozenset[str]) -> frozenset[str]:
+        """Cached latents and features when there are; images only for what is not cached (the
+        tokenizer's moments, or an encoder run on the fly): REPA and SiT on cached latents and
+        features never read a PNG."""
+        fields = {"latents"} & cached
+        if self.encoders and "features" in cached:
+            fields.add("features")
+        if "latents" not in fields or (self.encoders and "features" not in fields):
+            fields.add("images")
+        return frozenset(fields)
+
     @torch.no_grad()
-    def target_tokens(self, batch, images: torch.Tensor) -> list[torch.Tensor]:
+    def target_tokens(self, batch, images: torch.Tensor | None, device=None) -> list[torch.Tensor]:
         """Per encoder (B, T, D_k), float32: the cached features when the batch carries them (the
         loop asks the stream for them only when this run's single encoder made them), else the
-        frozen encoders run on the images, the largest cost a cache saves."""
+        frozen encoders run on the images, the largest cost a cache saves. `device`: where the
+        cached features go (default: the images')."""
         if batch.features is not None and len(self.encoders) == 1:
-            return [batch.features.to(images.device, non_blocking=True).float()]
+            device = device if device is not None else images.device
+            return [batch.features.to(device, non_blocking=True).float()]
         return [encoder(images).float() for encoder in self.encoders]
 
     def losses(self, model: nn.Module, batch, noise: StepNoise) -> Iterator[GroupLoss]:
         device = noise.device
-        images = batch.images.to(device, non_blocking=True)
+        # None when everything the step needs is cached (see batch_fields)
+        images = None if batch.images is None else batch.images.to(device, non_blocking=True)
         labels = batch.labels.to(device, non_blocking=True)
         with torch.no_grad():
             if batch.moments is not None:  # cached moments are sampled fresh each step, as REPA does
@@ -108,7 +122,7 @@ class DenoisingMethod(TrainingMethod):
             mean = moments.chunk(2, dim=1)[0]
             eps = noise.normal("posterior", tuple(mean.shape[1:]), dtype=mean.dtype)
             latents = self.tokenizer.normalize(self.tokenizer.sample(moments, noise=eps)).float()
-            target_tokens = self.target_tokens(batch, images)
+            target_tokens = self.target_tokens(batch, images, device)
         yield self.model_loss(model, latents, labels, target_tokens, noise)
 
     def model_loss(

@@ -115,6 +115,11 @@ class REPAEMethod(DenoisingMethod):
     def groups(self) -> list[ParamGroup]:
         return [self.vae_group, self.critic_group, self.model_group]
 
+    def batch_fields(self, cached: frozenset[str]) -> frozenset[str]:
+        """Always the images (the VAE trains on them; cached latents would be stale), and the
+        cached encoder tokens when there are."""
+        return frozenset({"images"} | ({"features"} & cached))
+
     def losses(self, model: nn.Module, batch, noise: StepNoise) -> Iterator[GroupLoss]:
         device = noise.device
         images = batch.images.to(device, non_blocking=True)
