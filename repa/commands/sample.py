@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from repa.config import PRECISIONS
+from repa.config import PRECISIONS, _parse_bool
 
 
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +20,14 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cfg-scale", type=float, default=1.8, help="classifier-free guidance scale")
     group.add_argument("--guidance-low", type=float, default=0.0, help="guidance interval start (t=0 data)")
     group.add_argument("--guidance-high", type=float, default=0.7, help="guidance interval end (t=1 noise)")
+    group.add_argument(
+        "--cfg-channels",
+        type=int,
+        default=None,
+        metavar="N",
+        help="guide only the first N latent channels, the rest take the conditional prediction "
+        "(DiT, SiT, LightningDiT and PixArt use 3, so their CFG scales need it); default: all",
+    )
     group.add_argument(
         "--mixed-precision",
         "--precision",
@@ -42,6 +50,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tokenizer-weights", default=None, help="local tokenizer weights file or folder")
     group.add_argument("--tokenizer-stats", default=None, help="latents-stats file (REPA-E format)")
     group.add_argument("--path-type", choices=("linear", "cosine"), default=None, help="interpolant")
+    group.add_argument(
+        "--reverse-time",
+        nargs="?",
+        const=True,
+        default=None,
+        type=_parse_bool,
+        metavar="BOOL",
+        help="the weights were trained with t=1 data and v = x - e (SiT/LightningDiT convention); "
+        "default: yes for LightningDiT-* checkpoints without our config",
+    )
 
 
 def sampler_settings_from_args(args: argparse.Namespace):
@@ -55,6 +73,7 @@ def sampler_settings_from_args(args: argparse.Namespace):
         guidance_low=args.guidance_low,
         guidance_high=args.guidance_high,
         precision=args.precision,
+        cfg_channels=args.cfg_channels,
     )
 
 
@@ -90,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer_weights=args.tokenizer_weights,
         tokenizer_stats=args.tokenizer_stats,
         path_type=args.path_type,
+        reverse_time=getattr(args, "reverse_time", None),
     )
     output = sample_to_npz(
         generator,

@@ -13,8 +13,15 @@ Sources, in order of preference for each fact:
             patch size and channels from x_embedder.proj.weight, the latent size from pos_embed,
             num_classes = rows of y_embedder.embedding_table.weight - 1, depth from block keys,
             projector widths from projectors.k.{0,4}.weight, qk-norm and REPA-E's latent
-            BatchNorm from their keys; the size name (heads) from --model or, when unique, from
-            the registry entry with that depth, width and patch size. --tokenizer is then required.
+            BatchNorm from their keys, LightningDiT's options from theirs (SwiGLU mlp.w12, RMSNorm
+            norm1.weight, RoPE feat_rope.*, wo_shift from the adaLN width, adaLN-single t_block);
+            the size name (heads) from --model or, when unique, from the registry entry with that
+            depth, width and patch size (LightningDiT-* for LightningDiT's block, else SiT-*).
+            --tokenizer is then required. A LightningDiT training file's own "config" (its YAML)
+            is not ours: it only names the model (model_type) and says whether RoPE was on.
+  time      weights without our config in LightningDiT's layout were trained with t=1 data
+            (SiT's convention): the model is wrapped (SiTConfig.reverse_time) unless
+            reverse_time=False is passed.
 Integrity: a weights file inside a complete checkpoint whose COMPLETE.json records checksums
 (ema.safetensors, and a tokenizer file such as REPA-E's e2e-vae.pt passed by path) is verified
 before it is loaded; a mismatch is an error naming the file and the checkpoint, never a silent
@@ -167,6 +174,29 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     return unwrap_checkpoint(checkpoint, prefer="ema"), config
 
 
+def is_our_config(config: dict) -> bool:
+    """Whether a checkpoint's config dict is an ExperimentConfig (not another code base's)."""
+    from repa.config import SECTIONS
+
+    return set(config) <= set(SECTIONS) and isinstance(config.get("model", {}), dict)
+
+
+def foreign_model_hints(config: dict) -> dict:
+    """What a LightningDiT training file's config (its YAML, saved as "config") says about the
+    model: {"name": model_type when registered, "rope": use_rope}; {} for anything else."""
+    from repa.models import MODELS
+
+    model = config.get("model")
+    if not isinstance(model, dict) or "model_type" not in model:
+        return {}
+    hints = {}
+    if model["model_type"] in MODELS:
+        hints["name"] = model["model_type"]
+    if isinstance(model.get("use_rope"), bool):
+        hints["rope"] = model["use_rope"]
+    return hints
+
+
 # ---- architecture from a state dict --------------------------------------------------------------
 
 
@@ -187,6 +217,11 @@ def infer_architecture(state_dict: dict[str, torch.Tensor]) -> dict:
     depth = len({int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")})
     projectors = sorted({int(k.split(".")[1]) for k in state_dict if k.startswith("projectors.")})
     out_features = state_dict["final_layer.linear.weight"].shape[0]
+    single = "t_block.1.weight" in state_dict
+    modulation_key = "t_block.1.weight" if single else "blocks.0.adaLN_modulation.1.weight"
+    if modulation_key not in state_dict:
+        raise ValueError(f"not a SiT state dict: missing '{modulation_key}'")
+    modulation = state_dict[modulation_key]
     architecture = dict(
         hidden_size=int(hidden),
         depth=depth,
@@ -198,7 +233,13 @@ def infer_architecture(state_dict: dict[str, torch.Tensor]) -> dict:
         latent_batchnorm="bn.running_mean" in state_dict,
         learn_sigma=out_features == 2 * patch * patch * in_channels,
         projector_out_dims=[int(state_dict[f"projectors.{k}.4.weight"].shape[0]) for k in projectors],
+        swiglu=any(".mlp.w12." in k for k in state_dict),
+        rmsnorm="blocks.0.norm1.weight" in state_dict,
+        wo_shift=modulation.shape[0] == 4 * hidden,
+        adaln="single" if single else "block",
     )
+    if any(k.startswith("feat_rope.") for k in state_dict):
+        architecture["rope"] = True  # without the tables the registered model decides
     if projectors:
         architecture["projector_dim"] = int(state_dict["projectors.0.0.weight"].shape[0])
         # The tap depth does not change the velocity; legacy files tell it, otherwise REPA's 8.
@@ -207,13 +248,15 @@ def infer_architecture(state_dict: dict[str, torch.Tensor]) -> dict:
 
 
 def infer_model_name(architecture: dict) -> str:
-    """The registered SiT name with this depth, width and patch size (heads come from it)."""
+    """The registered name with this depth, width and patch size (heads come from it): a
+    LightningDiT-* entry for weights with LightningDiT's block (SwiGLU or RMSNorm), else SiT-*."""
     from repa.models import MODELS
 
+    family = "LightningDiT-" if architecture.get("swiglu") or architecture.get("rmsnorm") else "SiT-"
     matches = [
         name
         for name, defaults in MODELS.items()
-        if name.startswith("SiT-")
+        if name.startswith(family)
         and defaults.get("depth") == architecture["depth"]
         and defaults.get("hidden_size") == architecture["hidden_size"]
         and defaults.get("patch_size") == architecture["patch_size"]
@@ -221,7 +264,8 @@ def infer_model_name(architecture: dict) -> str:
     if len(matches) != 1:
         raise ValueError(
             f"cannot tell the model size of a checkpoint with depth {architecture['depth']}, width "
-            f"{architecture['hidden_size']}, patch {architecture['patch_size']}: pass --model (e.g. SiT-XL/2)"
+            f"{architecture['hidden_size']}, patch {architecture['patch_size']}: pass --model "
+            f"(e.g. {family}XL/2)"
         )
     return matches[0]
 
@@ -239,6 +283,7 @@ def load_generator(
     tokenizer_stats: str | None = None,
     path_type: str | None = None,
     num_heads: int | None = None,
+    reverse_time: bool | None = None,
     device: torch.device | str = "cpu",
 ) -> Generator:
     """Load the EMA SiT of a run / checkpoint / weights file and the tokenizer that decodes it.
@@ -249,6 +294,9 @@ def load_generator(
     path_type: the interpolant ("linear" | "cosine"); default from the config, else linear.
     num_heads: attention heads of a config-less checkpoint whose size is not registered (the
         weights do not tell the head count; registered sizes give it).
+    reverse_time: whether the weights were trained with t=1 data (SiT/LightningDiT convention);
+        default: yes for a checkpoint without our config that is a LightningDiT-* model (as
+        named by its own config, --model or the registry), no otherwise.
     """
     from repa.models import create_model, load_state_dict_strict
     from repa.tokenizers import create_tokenizer
@@ -256,6 +304,9 @@ def load_generator(
     weights_path, step = resolve_checkpoint(path, checkpoint_step)
     run_dir = _run_dir_of(weights_path)
     state_dict, config_dict = read_weights(weights_path)
+    hints = {}
+    if config_dict is not None and not is_our_config(config_dict):
+        hints, config_dict = foreign_model_hints(config_dict), None
     if config_dict is None and run_dir is not None:
         import yaml
 
@@ -309,10 +360,15 @@ def load_generator(
         overrides["latent_batchnorm"] = architecture["latent_batchnorm"]
         name = model or config.model.name
     else:
-        name = model or infer_model_name(architecture)
+        name = model or hints.get("name") or infer_model_name(architecture)
         overrides = dict(architecture)
+        if "rope" in hints:
+            overrides.setdefault("rope", hints["rope"])
         if num_heads is not None:
             overrides["num_heads"] = num_heads
+        overrides["reverse_time"] = name.startswith("LightningDiT-") if reverse_time is None else reverse_time
+    if config is not None and reverse_time is not None:
+        overrides["reverse_time"] = reverse_time
     sit = create_model(name, **overrides)
     load_state_dict_strict(sit, state_dict)
     sit.eval().requires_grad_(False)

@@ -56,8 +56,12 @@ class SamplerSettings:
     # autocast for the model, the sampler state stays float32: auto | fp32 | bf16 | fp16
     # (repa.precision; REPA's published samples are fp32)
     precision: str = "auto"
+    # guide only the first N latent channels (DiT/SiT/LightningDiT/PixArt: 3); None: all (REPA)
+    cfg_channels: int | None = None
 
     def __post_init__(self) -> None:
+        if self.cfg_channels is not None and self.cfg_channels < 1:
+            raise ValueError(f"cfg_channels must be >= 1 (or None for all channels), got {self.cfg_channels}")
         if self.precision not in PRECISION_CHOICES:
             raise ValueError(f"precision {self.precision!r}: choose one of {', '.join(PRECISION_CHOICES)}")
         if self.num_steps < 1:
@@ -70,7 +74,12 @@ class SamplerSettings:
         return dataclasses.replace(self, precision=choice.label)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The record of these settings; cfg_channels only when set, so records (chunk settings,
+        curve caches) made before it existed still match full-channel guidance."""
+        record = asdict(self)
+        if record["cfg_channels"] is None:
+            del record["cfg_channels"]
+        return record
 
 
 # ---- what each sample is -------------------------------------------------------------------------
@@ -133,6 +142,7 @@ def generate_batch(
             guidance_high=settings.guidance_high,
             null_label=generator.model.null_label,
             path=generator.path_type,
+            cfg_channels=settings.cfg_channels,
         )
     return generator.decode(latents)  # decoded in float32, rounded to uint8
 

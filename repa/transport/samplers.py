@@ -7,10 +7,13 @@
        the last step, 0.04 -> 0, takes the mean only (no noise).
 
 Classifier-free guidance v = v_u + scale (v_c - v_u), on all channels, is applied only at times
-low <= t <= high. Inside the interval the model is called once on the stacked batch [x; x] with
-labels [y; null]; outside it (or with scale 1) only the conditional half is computed. In the SDE
-guidance is applied to the velocity before the drift; since the drift is affine in v with the
-same x for both halves, that equals REPA's guidance on the drift.
+low <= t <= high. With `cfg_channels` N only the first N latent channels are guided and the
+others keep the conditional prediction, as DiT, SiT, LightningDiT and PixArt do with N = 3, so
+their published CFG scales reproduce (docs/conventions.md, "Sampling and evaluation").
+Inside the interval the model is called once on the stacked batch [x; x] with labels [y; null];
+outside it (or with scale 1) only the conditional half is computed. In the SDE guidance is
+applied to the velocity before the drift; since the drift is affine in v with the same x for
+both halves, that equals REPA's guidance on the drift.
 
 Every random number a sample uses (its initial noise and each SDE increment) comes from its own
 generator seeded by its own seed (`PerSampleNoise`), so a sample does not depend on the batch it
@@ -110,8 +113,11 @@ class Guidance:
     low: float = 0.0
     high: float = 1.0
     null_label: int | None = None
+    channels: int | None = None  # guide only the first N channels (None: all)
 
     def __post_init__(self) -> None:
+        if self.channels is not None and (isinstance(self.channels, bool) or self.channels < 1):
+            raise ValueError(f"cfg_channels must be an integer >= 1 (or None for all), got {self.channels!r}")
         for name in ("low", "high"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -137,7 +143,8 @@ def guided_velocity(
     """The (guided) velocity at time t for state x (B, ...), returned in x's dtype.
 
     Inside the guidance interval: one model call on 2B rows ([x; x], [labels; null]).
-    Otherwise: one call on the B conditional rows only.
+    Otherwise: one call on the B conditional rows only. With guidance.channels N, channels N and
+    beyond take the conditional velocity.
     """
     model_dtype = model_dtype or x.dtype
     batch_size = x.shape[0]
@@ -149,7 +156,12 @@ def guided_velocity(
     t_both = torch.full((2 * batch_size,), t, device=x.device, dtype=model_dtype)
     velocity_both = velocity_fn(x_both, t_both, torch.cat([labels, null_labels])).to(x.dtype)
     velocity_cond, velocity_uncond = velocity_both.chunk(2)
-    return velocity_uncond + guidance.scale * (velocity_cond - velocity_uncond)
+    guided = velocity_uncond + guidance.scale * (velocity_cond - velocity_uncond)
+    if guidance.channels is None:
+        return guided
+    if guidance.channels > x.shape[1]:
+        raise ValueError(f"cfg_channels {guidance.channels} exceeds the {x.shape[1]} channels of the state")
+    return torch.cat([guided[:, : guidance.channels], velocity_cond[:, guidance.channels :]], dim=1)
 
 
 def euler_step(
@@ -238,6 +250,7 @@ def sample(
     null_label: int | None = None,
     path: PathType | str = PathType.LINEAR,
     model_dtype: torch.dtype | None = None,
+    cfg_channels: int | None = None,
 ) -> Tensor:
     """Generate a batch by integrating `velocity_fn` from t=1 to t=0.
 
@@ -249,6 +262,8 @@ def sample(
         (Heun makes 2 * num_steps - 1 evaluations).
     cfg_scale, guidance_low, guidance_high: guidance v_u + scale (v_c - v_u) for low <= t <= high.
     null_label: the unconditional class (num_classes in our models); needed when cfg_scale != 1.
+    cfg_channels: guide only the first N channels of the state (DiT/SiT/LightningDiT/PixArt use 3);
+        None (default) guides every channel, as REPA does.
     path: "linear" | "cosine", used by the SDE's score. model_dtype: dtype of x and t given to the
         model (default: the state's dtype; under autocast leave it unset).
     Returns the final state (B, ...) in float32 (float64 if the given noise was float64).
@@ -262,7 +277,9 @@ def sample(
         )
     path = parse_path(path)
     grid = time_grid(mode, num_steps)
-    guidance = Guidance(scale=cfg_scale, low=guidance_low, high=guidance_high, null_label=null_label)
+    guidance = Guidance(
+        scale=cfg_scale, low=guidance_low, high=guidance_high, null_label=null_label, channels=cfg_channels
+    )
 
     if labels.ndim != 1:
         raise ValueError(f"labels must have shape (B,), got {tuple(labels.shape)}")
