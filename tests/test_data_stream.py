@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from repa.data import png
 from repa.data import shards as shard_format
 from repa.data.build import build_shards
 from repa.data.shards import (
@@ -686,3 +687,132 @@ def test_a_shard_cut_at_a_block_boundary_counts_its_lost_samples(shard_dirs, tmp
         batches = list(stream)
     assert len(batches) == NUM_IMAGES - 3 + 1  # one whole pass, then one sample of the next
     assert stream.num_skipped == 3
+
+
+def _png(array: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _decoder_cases() -> dict[str, tuple[bytes, np.ndarray | None]]:
+    """name -> (file bytes, the RGB array a decoder must return, or None: it must refuse them)."""
+    import zlib
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)  # noise: stored in raw deflate blocks
+    good = _png(rgb)
+    idat = good.index(b"IDAT")
+    length = int.from_bytes(good[idat - 4 : idat], "big")
+
+    def flipped(position: int) -> bytes:
+        data = bytearray(good)
+        data[position] ^= 0xFF
+        return bytes(data)
+
+    # damaged image data under a recomputed CRC: only the decoder itself can notice
+    payload = bytearray(good[idat + 4 : idat + 4 + length])
+    for position in range(len(payload) // 2, len(payload) // 2 + 8):
+        payload[position] ^= 0x5A
+    recrc = zlib.crc32(b"IDAT" + bytes(payload)).to_bytes(4, "big")
+    damaged_idat = good[: idat + 4] + bytes(payload) + recrc + good[idat + 8 + length :]
+    jpeg = io.BytesIO()
+    Image.fromarray(rgb).save(jpeg, format="JPEG")
+    gray = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+    rgba = rng.integers(0, 256, (8, 8, 4), dtype=np.uint8)
+    gray_alpha = rng.integers(0, 256, (8, 8, 2), dtype=np.uint8)
+    palette = Image.fromarray(rgb[:8, :8]).quantize(8)
+    palette_png = io.BytesIO()
+    palette.save(palette_png, format="PNG")
+    return {
+        "truncated": (good[: len(good) // 2], None),
+        "truncated_in_the_header": (good[:20], None),
+        "bad_crc_of_intact_ihdr": (flipped(29), None),  # the IHDR's CRC itself damaged
+        # a flipped byte in the image data (stale CRC): pyspng decodes it to wrong pixels unchecked
+        "bad_crc_damaged_idat": (flipped(idat + 4 + 40), None),
+        "damaged_idat_with_matching_crc": (damaged_idat, None),
+        "jpeg_named_png": (jpeg.getvalue(), None),
+        "empty": (b"", None),
+        "rgb": (good, rgb),
+        "1x1": (_png(rgb[:1, :1]), rgb[:1, :1]),
+        "grayscale": (_png(gray), np.repeat(gray[..., None], 3, axis=2)),
+        "grayscale_alpha": (_png(gray_alpha, "LA"), np.repeat(gray_alpha[..., :1], 3, axis=2)),
+        "rgba": (_png(rgba), rgba[..., :3]),  # alpha dropped, as PIL's convert("RGB")
+        "palette": (palette_png.getvalue(), np.asarray(palette.convert("RGB"))),
+    }
+
+
+_DECODE_IN_A_SUBPROCESS = """
+import json, sys
+import numpy as np
+from repa.data.png import decode_png
+path, decoder, flip = sys.argv[1], sys.argv[2], sys.argv[3] == "flip"
+try:
+    image = decode_png(open(path, "rb").read(), flip=flip, decoder=decoder)
+except Exception as exn:
+    print(json.dumps({"refused": f"{type(exn).__name__}: {exn}"}))
+else:
+    np.save(path + ".npy", image)
+    print(json.dumps({"contiguous": image.flags.c_contiguous}))
+"""
+
+_DECODERS = [
+    "pil",
+    pytest.param("pyspng", marks=pytest.mark.skipif(png.pyspng is None, reason="pyspng is not installed")),
+]
+
+
+@pytest.mark.parametrize("decoder", _DECODERS)
+@pytest.mark.parametrize("case", list(_decoder_cases()))
+def test_png_decoders_refuse_bad_data_and_decode_every_png_kind_in_a_subprocess(case, decoder, tmp_path):
+    """Each input in its own process: a decoder crash (a C library's SIGSEGV) would show as the
+    process's death instead of taking pytest down. Damaged data must raise (the stream counts it
+    as a skip), never crash and never come out as wrong pixels; good PNGs of every colour type
+    come out as the right (H, W, 3) uint8, C-contiguous, flipped or not."""
+    import json
+    import subprocess
+    import sys
+
+    data, expected = _decoder_cases()[case]
+    path = tmp_path / "image.png"
+    path.write_bytes(data)
+    for flip in ("plain", "flip"):
+        run = subprocess.run(
+            [sys.executable, "-c", _DECODE_IN_A_SUBPROCESS, str(path), decoder, flip],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert run.returncode == 0, (
+            f"{case}: the decoding process died ({run.returncode}): {run.stderr[-500:]}"
+        )
+        outcome = json.loads(run.stdout)
+        if expected is None:
+            assert "refused" in outcome, f"{case}: decoded instead of refused"
+            assert outcome["refused"].startswith("ValueError"), outcome
+        else:
+            assert "refused" not in outcome, f"{case}: {outcome}"
+            image = np.load(str(path) + ".npy")
+            assert outcome["contiguous"] and image.dtype == np.uint8
+            np.testing.assert_array_equal(image, expected[:, ::-1] if flip == "flip" else expected)
+
+
+@pytest.mark.parametrize("decoder", _DECODERS)
+def test_bad_pngs_are_counted_skips_in_a_loader_worker(tmp_path, decoder, monkeypatch):
+    """The same inputs in a shard, read by a data-loader worker: every bad one a counted skip,
+    the worker alive and the good ones in the batches (those of 8 x 8 px: a batch has one size)."""
+    monkeypatch.setattr(png, "DECODER", decoder)  # the forked worker inherits it
+    cases = {name: case for name, case in _decoder_cases().items() if name not in ("rgb", "1x1")}
+    bad = [name for name, (_, expected) in cases.items() if expected is None]
+    with tarfile.open(tmp_path / "cases.tar", "w") as archive:
+        for index, (name, (data, _)) in enumerate(cases.items()):
+            for suffix, payload in (("png", data), ("cls", b"0"), ("key.txt", name.encode())):
+                info = tarfile.TarInfo(f"{index:04d}.{suffix}")
+                info.size = len(payload)
+                archive.addfile(info, io.BytesIO(payload))
+    good = len(cases) - len(bad)
+    stream = make_train_stream(
+        str(tmp_path / "cases.tar"), batch_size_per_rank=good, num_workers=1, shuffle_buffer=1,
+        num_batches=2,
+    )  # fmt: skip
+    batches = list(stream)
+    assert [sorted(batch.keys) for batch in batches] == [sorted(set(cases) - set(bad))] * 2
+    assert stream.num_skipped == 2 * len(bad)  # once per pass each
