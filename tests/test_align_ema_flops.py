@@ -149,6 +149,20 @@ def test_repa_flops_cli_prints_dit_xl2_and_sd_vae(capsys):
     assert any(line.startswith("sd-vae-ft-mse encoder") for line in lines)
 
 
+def test_repa_flops_cli_prints_adaln_single_beside_the_standard_block(capsys):
+    """`repa flops SiT-XL/2 --adaln single`: about 675M -> 460M (-31.8%), within 0.5% of 460M."""
+    from repa.cli import main
+
+    assert main(["flops", "SiT-XL/2", "--adaln", "single"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    standard = [line for line in lines if line.startswith("SiT-XL/2 ")][0].split()
+    single = [line for line in lines if line.startswith("SiT-XL/2 adaln=single")][0].split()
+    assert standard[3] == "675.1" and len(standard) == 6  # no change column on the registered row
+    assert float(single[4]) == pytest.approx(460, rel=0.005)
+    assert single[-1] == "-31.8%"
+    assert float(single[5]) < float(standard[4])  # GFLOPs: adaLN once per sample, not per block
+
+
 def test_repa_flops_cli_rejects_unknown_names(capsys):
     from repa.cli import main
 

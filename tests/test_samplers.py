@@ -376,6 +376,59 @@ def test_guidance_formula_on_all_channels():
     torch.testing.assert_close(samples, expected)
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_cfg_channels_guides_only_the_first_channels(channels):
+    """--cfg-channels N (DiT/SiT/LightningDiT/PixArt: 3): channels < N get the guided velocity,
+    channels >= N the conditional one; unset, every channel is guided (the default)."""
+    constant = torch.tensor(
+        [[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0], [5.0, 5.0, 5.0, 5.0], [-1.0, 0.5, 2.0, 0.0]]
+    )
+
+    def velocity_fn(x, t, labels):
+        return constant[labels][:, :, None, None].expand_as(x)
+
+    noise, labels = _cfg_inputs(batch=3)
+    scale = 3.0
+    guided = constant[3] + scale * (constant[:3] - constant[3])
+    partly = torch.cat([guided[:, :channels], constant[:3, channels:]], dim=1)  # (3, 4)
+    kwargs = dict(num_steps=4, cfg_scale=scale, guidance_high=0.5, null_label=3)
+    samples = sample(velocity_fn, noise, labels, cfg_channels=channels, **kwargs)
+    expected = noise - (0.5 * constant[:3] + 0.5 * partly)[:, :, None, None]
+    torch.testing.assert_close(samples, expected)
+    assert not torch.allclose(samples, sample(velocity_fn, noise, labels, **kwargs))
+    # N = all channels is the default full-channel guidance
+    torch.testing.assert_close(
+        sample(velocity_fn, noise, labels, cfg_channels=4, **kwargs),
+        sample(velocity_fn, noise, labels, **kwargs),
+    )
+
+
+def test_cfg_channels_bad_values():
+    noise, labels = _cfg_inputs(batch=2)
+    velocity_fn = class_conditional_velocity()
+    with pytest.raises(ValueError, match="cfg_channels 5 exceeds the 4 channels"):
+        sample(velocity_fn, noise, labels, num_steps=2, cfg_scale=2.0, null_label=3, cfg_channels=5)
+    with pytest.raises(ValueError, match="cfg_channels must be an integer >= 1"):
+        sample(velocity_fn, noise, labels, num_steps=2, cfg_scale=2.0, null_label=3, cfg_channels=0)
+
+
+def test_cfg_channels_in_sampler_settings_and_flags():
+    import argparse
+
+    from repa.commands.sample import add_sampler_arguments, sampler_settings_from_args
+    from repa.eval.sample import SamplerSettings
+
+    parser = argparse.ArgumentParser()
+    add_sampler_arguments(parser)
+    assert sampler_settings_from_args(parser.parse_args([])).cfg_channels is None
+    settings = sampler_settings_from_args(parser.parse_args(["--cfg-channels", "3"]))
+    assert settings.cfg_channels == 3 and settings.to_dict()["cfg_channels"] == 3
+    # records made before the option existed (no key) still match full-channel guidance
+    assert "cfg_channels" not in SamplerSettings().to_dict()
+    with pytest.raises(ValueError, match="cfg_channels must be >= 1"):
+        SamplerSettings(cfg_channels=0)
+
+
 # ----------------------------------------------------------------------------------------------
 # Per-sample determinism
 
