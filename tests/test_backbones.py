@@ -490,6 +490,17 @@ def test_repa_sample_runs_a_lightningdit_checkpoint(tmp_path):
     x, t, y = _inputs(channels=32)
     torch.testing.assert_close(generator.model.velocity(x, t, y), -model.eval().velocity(x, 1 - t, y))
 
+    # --cfg-channels reaches the sampler: guiding 3 of 32 channels differs from guiding all
+    from repa.eval.sample import SamplerSettings, generate_batch
+
+    settings = SamplerSettings(mode="ode", num_steps=2, cfg_scale=4.0, guidance_high=1.0, precision="fp32")
+    labels = torch.tensor([0, 1])
+    full = generate_batch(generator, labels, [0, 1], settings)
+    three = generate_batch(
+        generator, labels, [0, 1], SamplerSettings(**{**settings.to_dict(), "cfg_channels": 3})
+    )
+    assert not torch.equal(full, three)
+
     output = tmp_path / "samples.npz"
     argv = ["sample", str(path), "--tokenizer", str(tmp_path / "vae.pt"), "--num-samples", "3",
             "--mode", "ode", "--num-steps", "2", "--cfg-scale", "4", "--cfg-channels", "3",
