@@ -470,7 +470,7 @@ def _coerce(section_type: type, f: dataclasses.Field, value: Any) -> Any:
     convert = _value_type(section_type, f)
     if convert is str:
         return value if isinstance(value, str) else str(value)
-    if isinstance(value, bool) and convert is not _parse_bool:
+    if isinstance(value, bool) and convert is not parse_bool:
         raise ValueError(f"config '{section}.{f.name}': expected a number, got {value!r}")
     try:
         return convert(value) if not isinstance(value, str) or convert is not int else int(float(value))
@@ -491,7 +491,7 @@ def iter_options():
             yield section_name, f
 
 
-def _parse_bool(text: str | bool) -> bool:
+def parse_bool(text: str | bool) -> bool:
     if isinstance(text, bool):
         return text
     lowered = str(text).lower()
@@ -507,7 +507,7 @@ def _value_type(section_type: type, f: dataclasses.Field):
     hint = _hints(section_type)[f.name]
     if isinstance(hint, UnionType):
         hint = next(arg for arg in get_args(hint) if arg is not type(None))
-    return {bool: _parse_bool, int: int, float: float}.get(hint, str)
+    return {bool: parse_bool, int: int, float: float}.get(hint, str)
 
 
 def _help(section_type: type, f: dataclasses.Field) -> str:
@@ -543,9 +543,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         )
         value_type = _value_type(section_type, f)
         choices = _choices(section_type, f.name)
-        if value_type is _parse_bool:
+        if value_type is parse_bool:
             # `--random-flip` alone means true; `--random-flip false` also works.
-            kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
+            kwargs.update(nargs="?", const=True, type=parse_bool, metavar="BOOL")
         elif choices is not None:
             kwargs.update(type=_checked_by(parser, section_type, f))
             if not choices[1]:  # a single value: --help shows {a,b}

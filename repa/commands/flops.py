@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import get_args
 
-from repa.config import AdaLNMode, _parse_bool
+from repa.config import AdaLNMode, parse_bool
 
 # Boolean architecture options: SiTConfig field = flag without dashes.
 MODEL_SWITCHES = {
@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_argument("--adaln", choices=get_args(AdaLNMode), default=None, help="adaLN: block or single")
     for flag, help_text in MODEL_SWITCHES.items():
         options.add_argument(
-            flag, nargs="?", const=True, default=None, type=_parse_bool, metavar="BOOL", help=help_text
+            flag, nargs="?", const=True, default=None, type=parse_bool, metavar="BOOL", help=help_text
         )
 
 

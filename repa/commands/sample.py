@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from repa.config import PRECISIONS, _parse_bool
+from repa.config import PRECISIONS, parse_bool
 
 
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +55,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="?",
         const=True,
         default=None,
-        type=_parse_bool,
+        type=parse_bool,
         metavar="BOOL",
         help="the weights were trained with t=1 data and v = x - e (SiT/LightningDiT convention); "
         "default: yes for LightningDiT-* checkpoints without our config",
