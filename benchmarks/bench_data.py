@@ -344,12 +344,15 @@ def machine() -> dict:
     from repa.precision import cpu_model_name
 
     flags: list[str] = []
+    cpuinfo: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
-                if line.startswith("flags"):
-                    flags = line.partition(":")[2].split()
-                    break
+                if not line.strip():
+                    break  # the first CPU's block is enough
+                key, _, value = line.partition(":")
+                cpuinfo[key.strip()] = value.strip()
+        flags = cpuinfo.get("flags", "").split()
     except OSError:
         pass
     wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16")
@@ -357,7 +360,11 @@ def machine() -> dict:
 
     return {
         "cpu_model": cpu_model_name(),
+        "cpu_family_model_stepping": "/".join(
+            cpuinfo.get(k, "?") for k in ("cpu family", "model", "stepping")
+        ),
         "cpu_flags": [flag for flag in wanted if flag in flags],
+        "virtualised": "hypervisor" in flags,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpus": os.cpu_count(),
         "platform": platform.platform(),

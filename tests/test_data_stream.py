@@ -27,7 +27,7 @@ from repa.data.shards import (
     iter_tar_members,
     member_bytes,
 )
-from repa.data.stream import PREFETCH, StreamError, iter_eval_batches, make_train_stream, parse_label
+from repa.data.stream import RING_SLOTS, Batch, StreamError, iter_eval_batches, make_train_stream, parse_label
 from repa.data.synthetic import write_synthetic_dataset
 from tests.test_data_fakes import FakeTokenizer
 
@@ -188,7 +188,7 @@ def test_batches_stay_intact_while_the_consumer_holds_them(shard_dirs, num_worke
     if num_workers == 0:  # count reads of deferred members (worker processes count in their own copy)
         read = DeferredMember.read
         monkeypatch.setattr(DeferredMember, "read", lambda self: deferred_reads.append(1) or read(self))
-    num_batches = 3 * (PREFETCH + 2) * max(1, num_workers) + 1  # more than a worker prefetches, thrice
+    num_batches = 3 * RING_SLOTS * max(1, num_workers) + 1  # every slot is reused several times
     stream = make_train_stream(
         str(shard_dirs["cached"]), batch_size_per_rank=4, num_workers=num_workers, seed=5,
         shuffle_buffer=8, with_latents=True, num_batches=num_batches,
@@ -569,8 +569,8 @@ def test_fast_tar_checksum_equals_the_byte_sum():
 
 
 def test_a_full_dev_shm_is_named(shard_dirs, monkeypatch):
-    """Workers build their batches in shared memory; when /dev/shm has no room (Docker's 64 MB
-    default) the error says what to do."""
+    """Workers build their batches in shared-memory slots; when /dev/shm has no room (Docker's
+    64 MB default) the error says what to do."""
     from repa.data import stream as stream_module
 
     def no_room(*args, **kwargs):
@@ -582,9 +582,75 @@ def test_a_full_dev_shm_is_named(shard_dirs, monkeypatch):
         list(stream)
 
 
+def test_worker_slots_are_reused_in_order(monkeypatch):
+    import multiprocessing
+
+    from repa.data import stream as stream_module
+
+    semaphore = multiprocessing.get_context().Semaphore(RING_SLOTS)
+    ring = stream_module._SlotRing(semaphore, local_worker=0)
+    first = {"image": np.zeros((4, 4, 3), np.uint8), "moments": None, "features": None}
+    slots = []
+    for _ in range(2 * RING_SLOTS):
+        _builder, slot = ring.take(2, first)
+        slots.append(slot)
+        semaphore.release()  # what the training process does once it has copied the batch out
+    assert slots == list(range(RING_SLOTS)) * 2 and len(ring.slots) == RING_SLOTS
+    assert all(tensor.is_shared() for slot in ring.slots for tensor in slot.values())
+
+
+def test_copied_out_batches_reuse_memory_only_once_nothing_refers_to_it():
+    from repa.data.stream import _RecycledBuffers
+
+    recycled = _RecycledBuffers()
+    shape = torch.Size([4, 8, 8, 3])
+    batch = recycled.take("image", shape, torch.uint8)
+    address = batch.data_ptr()
+    del batch
+    assert recycled.take("image", shape, torch.uint8).data_ptr() == address  # nothing held it: reused
+
+    def pooled() -> set[int]:
+        return {buffer.ctypes.data for buffer in recycled.idle["image"]}
+
+    kept = {
+        "view": lambda t: t.permute(0, 3, 1, 2)[:2],
+        "numpy": lambda t: t.numpy(),
+        "tensor": lambda t: t,
+        "storage": lambda t: t.untyped_storage(),
+        "a batch over it": lambda t: Batch(
+            t, torch.zeros(4), None, None, ["k"] * 4, torch.zeros(4, dtype=bool)
+        ),
+    }
+    for holder, keep in kept.items():
+        batch = recycled.take("image", shape, torch.uint8)
+        address = batch.data_ptr()
+        held = keep(batch)
+        del batch
+        # every other buffer of the pool, then fresh memory: never the one still referred to
+        others = [recycled.take("image", shape, torch.uint8) for _ in range(recycled.KEEP)]
+        assert address not in {other.data_ptr() for other in others}, holder
+        del others, held
+        idle = pooled()
+        assert address in idle and recycled.take("image", shape, torch.uint8).data_ptr() in idle, holder
+    assert recycled.owned["image"] <= recycled.KEEP
+    # More batches held than the pool keeps: fresh memory, every one distinct.
+    held = [recycled.take("image", shape, torch.uint8) for _ in range(2 * recycled.KEEP)]
+    assert len({batch.data_ptr() for batch in held}) == len(held)
+    del held
+    # Moved to shared memory in place (sent to another process): the batch keeps its contents in
+    # its new memory, and the buffer it left is reused without touching them.
+    batch = recycled.take("image", shape, torch.uint8)
+    batch.fill_(3)
+    batch.share_memory_()
+    again = recycled.take("image", shape, torch.uint8)
+    assert again.data_ptr() != batch.data_ptr()
+    again.fill_(9)
+    assert batch.is_shared() and bool((batch == 3).all())
+
+
 def test_no_private_torch_api():
-    """The hand-off is torch's DataLoader's own; nothing in repa/ calls into torch._C directly
-    (private, and free to change in any torch release)."""
+    """Nothing in repa/ calls into torch._C directly (private, and free to change in any torch
+    release): the stream's slots and recycled buffers use public API only."""
     import re
 
     root = Path(__file__).resolve().parents[1] / "repa"

@@ -3,12 +3,24 @@
 Training stream (`make_train_stream`), per rank:
   shards -> split by (rank, data-loader worker) -> resampled forever (a fresh seeded permutation of
   the worker's own shards each pass) -> seeded shuffle buffer of raw samples (large members of
-  local shards stay in the file until drawn) -> decode to uint8, optional horizontal flip (with the
-  cached moments of the flipped image), each sample written straight into its row of a batch
-  allocated in shared memory -> torch's DataLoader hands the batch to the training process (and
-  pins it on CUDA) -> `Batch`.
+  local shards stay in the file until drawn) -> read and decode only the fields asked for
+  (`fields`: what the training method's step reads; a PNG is never read when the step needs only
+  cached latents and features), optional horizontal flip (with the cached moments of the flipped
+  image), each sample written straight into its row of a batch held in one of the worker's reused
+  shared-memory slots -> the training process copies the batch out (into pinned memory on CUDA)
+  and frees the slot -> `Batch`.
 It does its own node/worker splitting and must not be passed through `accelerator.prepare`.
-Measured against REPA's folder loader and against bare PNG decoding in benchmarks/bench_data.py.
+PNGs decode with pyspng where installed, else PIL (repa.data.png; `png_decoder()` names it).
+Measured against REPA's published loader and against bare PNG decoding in benchmarks/bench_data.py.
+
+Why slots instead of torch's own hand-off (workers yield tensors, torch passes them through new
+shared memory): side by side at 256 px with 2 workers (benchmarks/results/data-handoff-ab.json),
+batches built in fresh shared memory in the worker, as default_collate builds them, ran the
+cached paths at 0.65x the slot ring's rate (latents only 1/1.54, latents + features 1/1.53;
+images + latents 1/1.06): every fresh batch faults its pages in twice, in the worker and in the
+training process. Issue 20 allowed a custom hand-off only for a loss over 10%. It uses public API
+only: multiprocessing semaphores, `share_memory_`, and the lifetime `torch.from_numpy` gives its
+array, for the recycled copy-out memory (`_RecycledBuffers`).
 
 Guarantees (tested in tests/test_data_stream.py):
 - Every rank and worker reads a disjoint set of shards; every rank yields the same number of
@@ -23,15 +35,18 @@ Guarantees (tested in tests/test_data_stream.py):
   interruption (its generators are fresh, not rewound), and the count of samples seen is exact
   (`n * batch_size_per_rank` plus what the new stream yields). It does not reproduce the exact
   sample order an uninterrupted run would have seen.
-- A corrupt sample (any member: image, label, cached latents or features) or a truncated or
-  unreadable shard is skipped with a warning and counted (`stream.num_skipped`, for the training
-  log), once each time it is met; a worker with nothing decodable left raises.
+- A corrupt sample (any member it reads: image, label, cached latents or features; damaged PNGs
+  are refused by a CRC check of every chunk) or a truncated or unreadable shard is skipped with a
+  warning and counted (`stream.num_skipped`, for the training log), once each time it is met; a
+  member of a field not asked for is never read, so its damage is no skip. A worker with nothing
+  decodable left raises (a whole pass without one good sample), naming the fields it read.
 
 Use in a training loop (the loop saves `stream.state_dict()` with its checkpoint):
 
     stream = make_train_stream("shards/train-{000000..000127}.tar", batch_size_per_rank=32,
                                rank=accelerator.process_index, world_size=accelerator.num_processes,
-                               seed=seed, resume_batches=saved["batches_seen"], flip=True, with_latents=True)
+                               seed=seed, resume_batches=saved["batches_seen"], flip=True,
+                               fields=method.batch_fields(cached))  # e.g. {"latents", "features"}
     for batch in stream:
         batch = batch.to(accelerator.device)
         ...; log(data_skipped=stream.num_skipped, samples_seen=stream.samples_seen)
@@ -40,9 +55,12 @@ Use in a training loop (the loop saves `stream.state_dict()` with its checkpoint
 from __future__ import annotations
 
 import itertools
+import multiprocessing
+import os
 import random
 import signal
 import warnings
+import weakref
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -159,8 +177,8 @@ class BatchBuilder:
     """Writes decoded samples row by row straight into (B, ...) tensors, then hands out a `Batch`.
 
     Each image is copied once, from the decoder into its row: no per-sample arrays to stack, and in
-    a data-loader worker the tensors are in shared memory (`_shared_rows`), so the batch is not
-    copied again on its way to the training process.
+    a data-loader worker the tensors are a recycled shared-memory slot (see `_SlotRing`), so the
+    batch is not copied again into fresh shared memory on its way to the training process.
     The first sample fixes the shapes; a later sample of another shape is refused (ValueError).
     The training stream checks shapes before (`_shape_problem`) and skips such samples.
     """
@@ -232,22 +250,87 @@ def stream_seed(seed: int, rank: int, worker: int, resume_batches: int) -> int:
 # (`shards.DeferredMember`): the shuffle buffer then holds headers and small fields only.
 DEFER_OVER = 16 * 1024
 
-# Batches each data-loader worker prepares ahead of the training process (DataLoader prefetch_factor).
+# Batches a data-loader worker may have produced but the training process not yet copied: the
+# DataLoader asks a worker for at most PREFETCH batches ahead, so RING_SLOTS = PREFETCH + 2 slots
+# per worker are never all in use and a worker never waits for one (`_SlotRing.take`).
 PREFETCH = 4
+RING_SLOTS = PREFETCH + 2
 
 
-def _shared_rows(capacity: int, first: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """A worker's batch tensors, allocated straight in shared memory: what torch's default_collate
-    does in a worker. A batch built in ordinary memory would be copied into new shared memory
-    on its way to the training process; built here, only its handle travels."""
-    try:
-        return BatchBuilder.allocate(capacity, first, share=True)
-    except RuntimeError as exn:  # /dev/shm full: Docker gives containers 64 MB unless told
-        raise StreamError(
-            f"a data-loader worker could not allocate a batch in shared memory ({exn}); give "
-            "/dev/shm more room (docker run --shm-size=...), or use fewer --num-workers or a smaller "
-            "per-GPU batch"
-        ) from exn
+@dataclass
+class _SlotMessage:
+    """What a worker sends for one batch: the batch's small fields and which shared slot holds it.
+
+    The slot's tensors travel (as shared-memory handles) only with the slot's first batch; the
+    training process keeps them and later messages name the slot by index.
+    """
+
+    local_worker: int  # the worker's index on this rank (its semaphore)
+    slot: int
+    tensors: dict[str, torch.Tensor] | None  # the slot's shared tensors, first use only
+    labels: list[int]  # lists, not tensors: a tensor would be moved to new shared memory too
+    keys: list[str]
+    flipped: list[bool]
+    worker: int
+    skipped: int
+
+
+class _SlotRing:
+    """A worker's RING_SLOTS shared-memory batch buffers, reused round-robin.
+
+    Why: handing a fresh batch to the DataLoader makes torch move it into new shared memory, and
+    on a 2-core machine that allocation and copy (page faults in /dev/shm) cost 7.7 ms per 64 x
+    256 px batch against 0.5 ms to copy into a slot already touched (benchmarks/bench_stream_parts.py),
+    over 10% of the batch's PNG decoding. Here each slot is allocated and faulted in once; the training
+    process copies a batch out (into pinned memory on CUDA: the copy the DataLoader's pin-memory
+    thread would make anyway) and releases the slot through this worker's semaphore. The batches
+    of one worker arrive in order, so slot n % RING_SLOTS is free once the semaphore is acquired.
+    """
+
+    def __init__(self, semaphore: Any, local_worker: int):
+        self.semaphore, self.local_worker = semaphore, local_worker
+        self.slots: list[dict[str, torch.Tensor]] = []
+        self.sent: set[int] = set()
+        self.count = 0
+        self.parent = os.getppid()
+
+    def take(self, capacity: int, first: dict[str, Any]) -> tuple[BatchBuilder, int]:
+        waited = 0.0
+        while not self.semaphore.acquire(timeout=5.0):
+            waited += 5.0
+            if os.getppid() != self.parent:  # the training process is gone
+                raise SystemExit(0)
+            if waited >= 600:
+                raise StreamError(
+                    f"data-loader worker {self.local_worker}: no free batch slot after {waited:.0f} s; "
+                    "the training process stopped copying batches out"
+                )
+        slot = self.count % RING_SLOTS
+        self.count += 1
+        if slot == len(self.slots):
+            try:
+                self.slots.append(BatchBuilder.allocate(capacity, first, share=True))
+            except RuntimeError as exn:  # /dev/shm full: Docker gives containers 64 MB unless told
+                raise StreamError(
+                    f"data-loader worker {self.local_worker} could not allocate batch slot {slot + 1} of "
+                    f"{RING_SLOTS} in shared memory ({exn}); give /dev/shm more room (docker run "
+                    "--shm-size=...), or use fewer --num-workers or a smaller per-GPU batch"
+                ) from exn
+        return BatchBuilder(capacity, first, self.slots[slot]), slot
+
+    def message(self, builder: BatchBuilder, slot: int, worker: int, skipped: int) -> _SlotMessage:
+        first_use = slot not in self.sent
+        self.sent.add(slot)
+        return _SlotMessage(
+            local_worker=self.local_worker,
+            slot=slot,
+            tensors=self.slots[slot] if first_use else None,
+            labels=builder.labels,
+            keys=builder.keys,
+            flipped=builder.flipped,
+            worker=worker,
+            skipped=skipped,
+        )
 
 
 def _shape_problem(decoded: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> str | None:
@@ -290,6 +373,7 @@ class ShardStream(IterableDataset):
         self._raw_in_last_pass = 0
         self._consecutive_failures = 0
         self._last_error = ""
+        self.slot_semaphores: list | None = None  # set by TrainStream while it starts workers
         self.defer_over = DEFER_OVER
         # Shapes every sample must have ("image" (H, W, 3), "moments", "features"), from the
         # manifest; a field missing here is fixed by the first sample a worker accepts.
@@ -400,8 +484,10 @@ class ShardStream(IterableDataset):
             raise StreamError(f"worker {global_worker} has no shard: {len(self.urls)} shards are too few")
         rng = random.Random(stream_seed(self.seed, self.rank, worker, self.resume_batches))
         self.skipped, self._consecutive_failures, self._raw_in_last_pass = 0, 0, 0
-        in_worker = info is not None  # batches then travel to the training process: built in shared memory
-        builder = None
+        ring = None
+        if info is not None and self.slot_semaphores is not None:
+            ring = _SlotRing(self.slot_semaphores[worker], worker)
+        builder, slot = None, None
         shapes = dict(self.expected_shapes)
         shape_skips = shape_accepted = 0
         for decoded in self._decoded(self._shuffled(self._raw_samples(shards, rng), rng), rng):
@@ -418,12 +504,53 @@ class ShardStream(IterableDataset):
                 continue
             shape_accepted += 1
             if builder is None:
-                tensors = _shared_rows(self.batch_size, decoded) if in_worker else None
-                builder = BatchBuilder(self.batch_size, decoded, tensors)
+                builder, slot = (
+                    ring.take(self.batch_size, decoded)
+                    if ring
+                    else (BatchBuilder(self.batch_size, decoded), None)
+                )
             builder.add(decoded)
             if len(builder) == self.batch_size:
-                yield builder.batch(worker=global_worker, skipped=self.skipped)
+                if ring is None:
+                    yield builder.batch(worker=global_worker, skipped=self.skipped)
+                else:
+                    yield ring.message(builder, slot, worker=global_worker, skipped=self.skipped)
                 builder = None
+
+
+class _RecycledBuffers:
+    """CPU memory for batches copied out of the worker slots, handed out again once unreferenced.
+
+    Why: copying a 50 MB batch (64 x 512 px) into fresh memory took 22 ms, into memory already
+    touched 2.4 ms (benchmarks/bench_stream_parts.py), in the training process, on cores the
+    workers need. How a buffer is known to be free, with public API only: each batch tensor is
+    `torch.from_numpy` of a new numpy view of a pooled buffer, which torch keeps alive exactly as
+    long as the tensor's memory is referenced (by the batch, a view of it, a numpy array over it
+    or its storage object); a finalizer on that view puts the buffer back when it goes. A batch
+    moved to shared memory in place (sent to another process) lets go of its buffer then.
+    """
+
+    KEEP = 3  # buffers per field: enough for a consumer that holds one or two batches
+
+    def __init__(self) -> None:
+        self.idle: dict[str, list[np.ndarray]] = {}  # flat uint8 buffers nothing refers to
+        self.owned: dict[str, int] = {}  # buffers of each field in the pool, idle or handed out
+
+    def take(self, name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+        nbytes = int(np.prod(shape)) * np_dtype.itemsize
+        idle = self.idle.setdefault(name, [])
+        buffer = next((candidate for candidate in idle if candidate.nbytes == nbytes), None)
+        if buffer is not None:
+            idle.remove(buffer)
+        elif self.owned.get(name, 0) < self.KEEP:
+            buffer = np.empty(nbytes, np.uint8)
+            self.owned[name] = self.owned.get(name, 0) + 1
+        else:  # the consumer holds KEEP batches already: fresh memory, not pooled
+            return torch.empty(shape, dtype=dtype)
+        lease = buffer.view(np_dtype).reshape(shape)  # a new array object, held only by torch
+        weakref.finalize(lease, idle.append, buffer)
+        return torch.from_numpy(lease)
 
 
 def _leave_stop_signals_to_the_rank(worker_id: int) -> None:
@@ -476,22 +603,34 @@ class TrainStream:
         self._skipped_before = self.num_skipped
         self._skipped_per_worker = {}
         self.dataset.resume_batches = self.batches_seen
-        # torch's own hand-off: each worker yields whole batches (already in shared memory, see
-        # `_shared_rows`), the DataLoader passes them over and, on CUDA, its pin-memory thread
-        # copies them into pinned memory (`Batch.pin_memory`).
-        loader = DataLoader(
-            self.dataset,
-            batch_size=None,  # the workers batch
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            prefetch_factor=PREFETCH if self.num_workers > 0 else None,
-            worker_init_fn=_leave_stop_signals_to_the_rank if self.num_workers > 0 else None,
-        )
-        batches = iter(loader)
+        context = multiprocessing.get_context() if self.num_workers > 0 else None
+        semaphores = [context.Semaphore(RING_SLOTS) for _ in range(self.num_workers)] if context else []
+        self.dataset.slot_semaphores = semaphores or None
+        try:
+            loader = DataLoader(
+                self.dataset,
+                batch_size=None,  # the workers batch
+                num_workers=self.num_workers,
+                # With workers, batches are copied out of their slots into pinned memory here.
+                pin_memory=self.pin_memory and self.num_workers == 0,
+                prefetch_factor=PREFETCH if self.num_workers > 0 else None,
+                multiprocessing_context=context,
+                worker_init_fn=_leave_stop_signals_to_the_rank if self.num_workers > 0 else None,
+            )
+            batches = iter(loader)  # starts the workers, which take the semaphores with them
+        finally:
+            self.dataset.slot_semaphores = None
+        slot_tensors: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        recycled = _RecycledBuffers()
         try:
             # islice stops without asking for one more batch: reading past the last one would
             # decode (and warn about) samples that the stream's counters never report.
-            for batch in itertools.islice(batches, self.num_batches):
+            for item in itertools.islice(batches, self.num_batches):
+                batch = (
+                    item
+                    if isinstance(item, Batch)
+                    else self._copy_out(item, slot_tensors, semaphores, recycled)
+                )
                 self._skipped_per_worker[batch.worker] = batch.skipped
                 self.batches_seen += 1
                 yield batch
@@ -506,6 +645,44 @@ class TrainStream:
             for worker in getattr(batches, "_workers", []):
                 if worker.is_alive():
                     worker.kill()
+
+    def _copy_out(
+        self,
+        message: _SlotMessage,
+        slot_tensors: dict[tuple[int, int], dict[str, torch.Tensor]],
+        semaphores: list,
+        recycled: _RecycledBuffers,
+    ) -> Batch:
+        """Copy a batch out of its worker's shared slot (pinned memory on CUDA), then free the slot."""
+        key = (message.local_worker, message.slot)
+        if message.tensors is not None:
+            slot_tensors[key] = message.tensors
+        rows = len(message.keys)
+        copies = {}
+        for name, shared in slot_tensors[key].items():
+            source = shared[:rows]
+            if self.pin_memory:
+                copy = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)  # cached by torch
+            else:
+                copy = recycled.take(name, source.shape, source.dtype)
+            # numpy's single-threaded memcpy: torch's copy_ spreads over intra-op threads on cores
+            # the workers are using (50 MB with both cores busy: 8.0 ms vs 2.4 ms, bench_stream_parts.py).
+            np.copyto(copy.numpy(), source.numpy())
+            copies[name] = copy
+        semaphores[message.local_worker].release()
+        labels = torch.tensor(message.labels, dtype=torch.int64, pin_memory=self.pin_memory)
+        flipped = torch.tensor(message.flipped, dtype=torch.bool, pin_memory=self.pin_memory)
+        return Batch(
+            # a channels_last view, as BatchBuilder.batch makes
+            images=copies["image"].permute(0, 3, 1, 2) if "image" in copies else None,
+            labels=labels,
+            moments=copies.get("moments"),
+            features=copies.get("features"),
+            keys=message.keys,
+            flipped=flipped,
+            worker=message.worker,
+            skipped=message.skipped,
+        )
 
 
 def _check_manifest(
