@@ -14,7 +14,7 @@ import torch
 
 from repa.data import shards as shard_format
 from repa.data.shards import DeferredMember, expand_shard_urls
-from repa.data.stream import StreamError, iter_eval_batches, make_train_stream
+from repa.data.stream import StreamError, iter_eval_batches, make_train_stream, png_decoder
 from repa.train.logging import read_metrics
 from repa.train.loop import train
 from tests.test_train import RESOLUTION, encoder_file, tiny_config  # noqa: F401 (a fixture)
@@ -95,12 +95,15 @@ def test_the_same_shards_with_the_encoder_on_the_fly_skip_everything_and_stop(
     encoder_file,
     vae_file,
     tmp_path,
+    capsys,
 ):
     config = repa_config(cached_garbage_shards, tmp_path / "fly", encoder_file, vae_file, max_train_steps=4)
     config.data.use_cached_features = False  # the encoder runs on the images: they must be decoded
     failed = r"samples in a row failed to decode \(.*reading labels, images, latents\).*last error: .*PNG"
     with pytest.raises(StreamError, match=failed):
         train(config)
+    decoder = png_decoder()  # declared in the run's output
+    assert f"encoder tokens computed every step; images decoded by {decoder}" in capsys.readouterr().out
 
 
 def test_the_stream_reads_no_member_it_was_not_asked_for(cached_garbage_shards, monkeypatch):

@@ -147,7 +147,7 @@ def _train(config: ExperimentConfig, cleanup: contextlib.ExitStack) -> TrainResu
     from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
 
     from repa.data.shards import check_local_shards, expand_shard_urls
-    from repa.data.stream import make_train_stream
+    from repa.data.stream import make_train_stream, png_decoder
 
     config.validate()
     method_class = get_method(config.method)
@@ -317,7 +317,7 @@ def _train(config: ExperimentConfig, cleanup: contextlib.ExitStack) -> TrainResu
                 )
                 if used
             )
-            + ("; images decoded" if "images" in fields else "; images not read"),
+            + (f"; images decoded by {png_decoder()}" if "images" in fields else "; images not read"),
             flush=True,
         )
     stream = make_train_stream(
