@@ -848,7 +848,7 @@ def iter_eval_batches(
                     with_latents=with_latents,
                     with_features=with_features,
                     with_images=with_images,
-                )  # fmt: skip
+                )
             )
             if len(pending) == batch_size:
                 yield collate(pending)
