@@ -37,13 +37,7 @@ OPTIONS = {
 COMBINATIONS = [combo for size in range(len(OPTIONS) + 1) for combo in itertools.combinations(OPTIONS, size)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two threads on a 2-core machine shared with other jobs make tiny models far slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _overrides(combo) -> dict:

@@ -23,12 +23,7 @@ from tests.test_eval_sample import tiny_model, write_fake_run
 FAST = SamplerSettings(mode="ode", method="euler", num_steps=2, cfg_scale=1.5)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _features(images: torch.Tensor) -> torch.Tensor:

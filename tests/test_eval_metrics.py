@@ -28,13 +28,7 @@ from repa.eval.npz import write_npz_streaming
 from repa.eval.references import ReferenceStats, iter_image_batches
 from repa.utils.files import file_sha256
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(count: int, size: int = 32, seed: int = 0, shift: int = 0) -> np.ndarray:

@@ -35,13 +35,7 @@ TINY = dict(input_size=8, in_channels=3, hidden_size=32, depth=2, num_heads=2, n
 FAST = SamplerSettings(mode="ode", method="euler", num_steps=3, cfg_scale=1.5, guidance_high=0.7)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two threads on a 2-core machine shared with other jobs make tiny models 100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0, projector_dims=(), scale: float = 0.05):
