@@ -222,9 +222,15 @@ def _train(config: ExperimentConfig, cleanup: contextlib.ExitStack) -> TrainResu
         refusal = broadcast_object_list(refusal, from_process=0)
     if refusal[0] is not None:
         raise RunLockedError(refusal[0])
-    watchdog = StepWatchdog(run_dir, rank, lambda: ckpt.latest_checkpoint(checkpoints_dir))
+    watchdog = StepWatchdog(
+        run_dir,
+        rank,
+        lambda: ckpt.latest_checkpoint(checkpoints_dir),
+        run.step_timeout,
+        run.long_phase_timeout,
+    )
     cleanup.callback(watchdog.stop)
-    watchdog.expect(run.long_phase_timeout if run.step_timeout else 0, "starting up")
+    watchdog.long_phase("starting up")
     if accelerator.is_main_process:
         ckpt.remove_stale_staging(checkpoints_dir)
         save_config(config, run_dir / "config.yaml")
@@ -423,10 +429,7 @@ def _train(config: ExperimentConfig, cleanup: contextlib.ExitStack) -> TrainResu
     try:
         while step < config.run.max_train_steps:
             outcome = runner.run(step, data_iter, lambda: (stop.requested, stream.num_skipped))
-            if run.step_timeout:  # logging, previews, evaluations and saves come next
-                watchdog.expect(
-                    run.long_phase_timeout, f"logging, evaluating or saving after step {step + 1}"
-                )
+            watchdog.long_phase(f"logging, evaluating or saving after step {step + 1}")  # next
             window_samples += outcome.samples * world
             stop_now, data_skipped = outcome.stop, outcome.data_skipped
             if outcome.nonfinite:
@@ -497,8 +500,7 @@ def _train(config: ExperimentConfig, cleanup: contextlib.ExitStack) -> TrainResu
                 # Rebuild the stream from (seed, rank, batches consumed): a run resumed from this
                 # checkpoint then reads exactly what this one reads next.
                 data_iter = iter(stream)
-            if run.step_timeout:
-                watchdog.expect(run.step_timeout, f"training step {step + 1}")
+            watchdog.step(f"training step {step + 1}")
     finally:
         # Stop the loader workers now, also on an exception or a second Ctrl-C: they ignore
         # SIGTERM, so left to interpreter exit they would hold the process.

@@ -29,7 +29,16 @@ BACKSTOP_S = 60.0
 
 
 class StepWatchdog:
-    def __init__(self, run_dir: Path, rank: int, describe_checkpoint=lambda: "none"):
+    def __init__(
+        self,
+        run_dir: Path,
+        rank: int,
+        describe_checkpoint=lambda: "none",
+        step_timeout: float = 0.0,
+        long_phase_timeout: float = 0.0,
+    ):
+        """`step_timeout` 0 disables the watchdog; `step` and `long_phase` then do nothing."""
+        self.step_timeout, self.long_phase_timeout = step_timeout, long_phase_timeout
         self.path = Path(run_dir) / f"hang-rank{rank}.txt"
         self.rank = rank
         self.describe_checkpoint = describe_checkpoint  # names the last complete checkpoint
@@ -40,6 +49,16 @@ class StepWatchdog:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._file = None
+
+    def step(self, what: str) -> None:
+        """A training step comes next: --step-timeout."""
+        if self.step_timeout:
+            self.expect(self.step_timeout, what)
+
+    def long_phase(self, what: str) -> None:
+        """Start-up, a save, a preview or an evaluation comes next: --long-phase-timeout."""
+        if self.step_timeout:
+            self.expect(self.long_phase_timeout, what)
 
     def expect(self, seconds: float, what: str) -> None:
         """The next progress report must come within `seconds` (0: no limit), while `what`."""
