@@ -14,6 +14,7 @@ what it publishes at each checkpoint (`export`).
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,24 +65,25 @@ class MethodContext:
     world_size: int = 1
 
 
-class TrainingMethod:
+class TrainingMethod(abc.ABC):
     """Base class of training methods; see the module docstring for the protocol."""
 
     # options of the diffusion model this method needs (create_model keyword arguments)
     model_options: ClassVar[dict] = {}
 
-    @classmethod
+    @classmethod  # noqa: B027 (optional hook)
     def check_config(cls, config: ExperimentConfig) -> None:
         """Raise ValueError for a config this method cannot train (no weights or data needed)."""
 
     @classmethod
+    @abc.abstractmethod
     def build(cls, context: MethodContext) -> TrainingMethod:
-        raise NotImplementedError
+        """The method's modules and optimisers, from the run's parts."""
 
+    @abc.abstractmethod
     def groups(self) -> list[ParamGroup]:
         """Parameter groups in update order. The diffusion model's group is the one whose module
         is the context's model: the loop wraps it for DDP and keeps its EMA."""
-        raise NotImplementedError
 
     def batch_fields(self, cached: frozenset[str]) -> frozenset[str]:
         """The batch fields `losses` reads, given `cached`: those of "latents" and "features"
@@ -91,14 +93,14 @@ class TrainingMethod:
         Default: images and every cached field."""
         return frozenset({"images"}) | cached
 
+    @abc.abstractmethod
     def losses(self, model: nn.Module, batch, noise: StepNoise) -> Iterator[GroupLoss]:
         """Yield one GroupLoss per group for this micro-batch, in update order. `model` is the
         diffusion model as the loop runs it (DDP-wrapped, compiled). The loop runs this
         generator under autocast and backpropagates each loss before asking for the next, so
         only one loss's graph is alive at a time. Draw every random tensor from `noise`."""
-        raise NotImplementedError
 
-    def finish_step(self, updated: bool) -> None:
+    def finish_step(self, updated: bool) -> None:  # noqa: B027 (optional hook)
         """Called once per optimiser step after the updates, before the EMA follows the model:
         for state that must move once per step rather than once per micro-batch. `updated` is
         False when the step was skipped or abandoned (an exception): drop the step's state."""
@@ -107,8 +109,8 @@ class TrainingMethod:
         """State the method owns beyond its groups' optimisers (auxiliary modules, counters)."""
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
-        pass
+    def load_state_dict(self, state: dict) -> None:  # noqa: B027 (optional hook)
+        """Restore `state_dict()`'s output."""
 
-    def export(self, ema_model: nn.Module, directory: Path) -> None:
+    def export(self, ema_model: nn.Module, directory: Path) -> None:  # noqa: B027 (optional hook)
         """Files to publish in every checkpoint directory (main process only)."""
