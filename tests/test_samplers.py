@@ -356,15 +356,19 @@ def test_partial_interval_guides_exactly_the_grid_times_inside_it():
     assert recorder.rows == [5] * 3 + [10] * 7
 
 
+# constant per-class velocities (different on each of 4 channels; class 3 is the null class):
+# Euler integrates them exactly
+CLASS_VELOCITY = torch.tensor(
+    [[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0], [5.0, 5.0, 5.0, 5.0], [-1.0, 0.5, 2.0, 0.0]]
+)
+
+
+def _constant_velocity(x, t, labels):
+    return CLASS_VELOCITY[labels][:, :, None, None].expand_as(x)
+
+
 def test_guidance_formula_on_all_channels():
-    # constant per-class velocities (different on each of 4 channels): Euler integrates exactly
-    constant = torch.tensor(
-        [[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0], [5.0, 5.0, 5.0, 5.0], [-1.0, 0.5, 2.0, 0.0]]
-    )
-
-    def velocity_fn(x, t, labels):
-        return constant[labels][:, :, None, None].expand_as(x)
-
+    constant, velocity_fn = CLASS_VELOCITY, _constant_velocity
     noise, labels = _cfg_inputs(batch=3)
     scale = 3.0
     guided = constant[3] + scale * (constant[:3] - constant[3])  # (3, 4): every channel guided
@@ -380,13 +384,7 @@ def test_guidance_formula_on_all_channels():
 def test_cfg_channels_guides_only_the_first_channels(channels):
     """--cfg-channels N (DiT/SiT/LightningDiT/PixArt: 3): channels < N get the guided velocity,
     channels >= N the conditional one; unset, every channel is guided (the default)."""
-    constant = torch.tensor(
-        [[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0], [5.0, 5.0, 5.0, 5.0], [-1.0, 0.5, 2.0, 0.0]]
-    )
-
-    def velocity_fn(x, t, labels):
-        return constant[labels][:, :, None, None].expand_as(x)
-
+    constant, velocity_fn = CLASS_VELOCITY, _constant_velocity
     noise, labels = _cfg_inputs(batch=3)
     scale = 3.0
     guided = constant[3] + scale * (constant[:3] - constant[3])
