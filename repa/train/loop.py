@@ -257,10 +257,19 @@ def _train(config: ExperimentConfig, cleanup: contextlib.ExitStack) -> TrainResu
     # --- resume -----------------------------------------------------------------------------
     step, nonfinite_total = 0, 0
     data_state: dict = {}  # this rank's stream counters at the checkpoint
-    # every rank verifies the same files, so all pick the same checkpoint; the main one says so
-    resume_from = ckpt.resolve_resume(
-        config.run.resume, checkpoints_dir, quiet=not accelerator.is_main_process
-    )
+    # The main process verifies the checkpoint (a full read of every file) and tells the others
+    # which one it picked: the files are read once per job, not once per rank.
+    picked: list = [None]
+    if accelerator.is_main_process:
+        try:
+            picked = [ckpt.resolve_resume(config.run.resume, checkpoints_dir)]
+        except (FileNotFoundError, ckpt.DamagedCheckpointError) as error:
+            picked = [error]
+    if world > 1:
+        picked = broadcast_object_list(picked, from_process=0)
+    if isinstance(picked[0], Exception):
+        raise picked[0]
+    resume_from = picked[0]
     if resume_from is not None:
         from safetensors.torch import load_file
 
