@@ -135,7 +135,7 @@ def verify_checkpoint_file(path: str | Path) -> None:
         )
 
 
-def resolve_resume(resume: str, checkpoints_dir: Path, *, quiet: bool = False) -> Path | None:
+def resolve_resume(resume: str, checkpoints_dir: Path) -> Path | None:
     """`auto` -> newest complete and intact checkpoint or None; `none` -> None; `step:N` or a path
     -> that one, which must be complete and intact.
 
@@ -144,12 +144,10 @@ def resolve_resume(resume: str, checkpoints_dir: Path, *, quiet: bool = False) -
     checkpoint, and the previous one is tried, saying so; if none is intact,
     DamagedCheckpointError names each checkpoint checked and what is wrong with it. A named
     checkpoint that is damaged is an error: falling back to another would silently not do what
-    was asked. quiet: no lines (ranks other than the main one; every rank checks the same files,
-    so all pick the same checkpoint)."""
+    was asked. Call it on one process (the training loop's main one) and share its pick."""
 
     def say(line: str) -> None:
-        if not quiet:
-            print(line, file=sys.stderr, flush=True)
+        print(line, file=sys.stderr, flush=True)
 
     if resume in ("", "none"):
         return None
