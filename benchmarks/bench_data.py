@@ -291,6 +291,12 @@ def bench_resolution(args, resolution: int, workdir: Path) -> dict:
             measure[name] = lambda run, f=fields: run_stream(
                 shards, f, args.batch_size, args.workers, num_batches, run
             )
+    if args.readers:
+        wanted = args.readers.split(",")
+        unknown = sorted(set(wanted) - set(measure))
+        if unknown:
+            raise SystemExit(f"--readers: unknown reader(s) {unknown}; choose from {sorted(measure)}")
+        measure = {name: measure[name] for name in wanted}
     results: dict[str, dict[str, list[float]]] = {name: {} for name in measure}
     _PNGS[:] = pngs
     order = list(measure)
@@ -331,7 +337,9 @@ def bench_resolution(args, resolution: int, workdir: Path) -> dict:
     for key, (numerator, denominator, target) in TARGETS.items():
         measured = ratio(numerator + suffix if numerator.startswith("stream") else numerator, denominator)
         if measured is None:
-            ratios[key] = {"status": f"not measured: {denominator} unavailable (pyspng not installed?)"}
+            missing = [name for name in (numerator, denominator) if name not in results]
+            why = f"not measured: {', '.join(missing)} not run (--readers, or pyspng absent)"
+            ratios[key] = {"status": why}
             continue
         ratios[key] = {**measured, "target": target, "met": measured["median"] >= target}
     ratios["images_vs_pil_decode"] = ratio("stream_images" + suffix, "decode_pil")
@@ -391,6 +399,9 @@ def main() -> None:
         "--passes", type=int, default=3, help="each reader goes over the samples this many times per run"
     )
     parser.add_argument("--compare-checkout", help="also time the stream of this other checkout of repa")
+    parser.add_argument(
+        "--readers", default="", help="comma-separated readers to time (default: all), e.g. stream_images"
+    )
     parser.add_argument("--output", default="bench_data.json")
     args = parser.parse_args()
     report = {

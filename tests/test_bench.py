@@ -286,3 +286,44 @@ def test_bench_probe_prints_the_machine_and_the_automatic_choice(capsys):
     out = capsys.readouterr().out
     for needle in ("capability:", "native bf16 flags:", "GFLOP/s", "--mixed-precision auto on this CPU:"):
         assert needle in out
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_writes_every_figure(tmp_path):
+    """benchmarks/gpu_check.sh --dry-run: the GPU suite's own code at toy sizes (on the CPU here),
+    so the script a GPU machine runs cannot rot unnoticed."""
+    import subprocess
+
+    output = tmp_path / "gpu.json"
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.sh"
+    done = subprocess.run(["bash", str(script), "--dry-run", str(output)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(output.read_text())
+    assert report["dry_run"] and report["step_function"] == "repa.train.step.StepRunner.run"
+    variants = report["training"]["variants"]
+    assert {(v["batch_size"], v["compiled"]) for v in variants.values()} == {
+        (2, False), (4, False), (2, True), (4, True)
+    }  # fmt: skip
+    for variant in variants.values():
+        assert variant["status"] == "ok" and variant["images_per_s"] > 0
+        assert variant["mfu_of_measured_matmul_peak"] > 0
+    assert report["sampler"]["images_per_s"] > 0
+    assert report["loader"]["status"] == "ok" and report["loader"]["images_per_s"] > 0
+    summary = report["summary"]
+    assert summary["loader_over_step"] == pytest.approx(
+        report["loader"]["images_per_s"] / summary["best_training_images_per_s"]
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_bench_device_cuda_without_cuda_says_so_in_one_line():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "repa.cli", "bench", "--device", "cuda"], capture_output=True, text=True
+    )
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert "no CUDA device" in lines[0] or "without CUDA" in lines[0], done.stderr

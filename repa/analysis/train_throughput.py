@@ -128,12 +128,12 @@ class TrainBenchConfig:
         )
 
 
-def autocast_for(precision: str) -> Callable[[], contextlib.AbstractContextManager]:
-    """The context the loop's `accelerator.autocast` is on CPU for --mixed-precision `precision`.
+def autocast_for(precision: str, device_type: str = "cpu") -> Callable[[], contextlib.AbstractContextManager]:
+    """The context the loop's `accelerator.autocast` is for --mixed-precision `precision`.
     Not accelerate's own: it keeps the precision in a process-wide singleton, and the benchmark
     times fp32 and bf16 side by side in one process."""
     if precision == "bf16":
-        return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+        return lambda: torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 
 
@@ -173,29 +173,38 @@ class BenchModel:
     than per variant keeps SiT-B/2's five variants within a small machine's memory, and the
     step's cost does not depend on which variant moved the weights last."""
 
-    def __init__(self, name: str, config: TrainBenchConfig, encoder: torch.nn.Module):
+    def __init__(
+        self,
+        name: str,
+        config: TrainBenchConfig,
+        encoder: torch.nn.Module,
+        device: torch.device | None = None,
+    ):
         from repa.models import create_model
         from repa.train.ema import EMA
         from repa.train.methods import get_method
         from repa.train.methods.base import MethodContext
 
         self.name = name
+        self.device = device if device is not None else torch.device("cpu")
         self.experiment = experiment_config(name, config)
         method_class = get_method(self.experiment.method)
-        tokenizer = cached_moments_tokenizer()
+        tokenizer = cached_moments_tokenizer().to(self.device)
         self.overrides = self.experiment.model_overrides(
             input_size=config.latent_size,
             in_channels=tokenizer.latent_channels,
             projector_dims=[encoder.dim],
         )
         self.overrides.update(method_class.model_options)
-        self.model = create_model(name, **self.overrides)
-        self.device = torch.device("cpu")
+        self.model = create_model(name, **self.overrides).to(self.device)
         context = MethodContext(self.experiment, tokenizer, [encoder], self.model, self.device)
         self.method = method_class.build(context)
         self.ema = EMA(self.model, decay=self.experiment.optim.ema_decay)
         self.steps = 0  # the step index the loop would pass: its seeds and learning rate follow it
         self._compiled: torch.nn.Module | None = None
+        # torch.compile's backend: "eager" traces with dynamo but skips inductor's code generation
+        # (the GPU benchmark's CPU dry run: it checks the path in seconds, not minutes)
+        self.compile_backend = "inductor"
         self._runners: dict[tuple[str, bool], StepRunner] = {}
 
     def runner(self, precision: str, compiled: bool) -> StepRunner:
@@ -209,7 +218,7 @@ class BenchModel:
             forward = self.model
             if compiled:
                 if self._compiled is None:
-                    self._compiled = torch.compile(self.model)
+                    self._compiled = torch.compile(self.model, backend=self.compile_backend)
                 forward = self._compiled
             self._runners[key] = StepRunner(
                 self.method,
@@ -219,7 +228,7 @@ class BenchModel:
                 accumulation=1,  # one batch of --batch-size per step, the loop's default
                 seed=self.experiment.run.seed,
                 device=self.device,
-                autocast=autocast_for(precision),
+                autocast=autocast_for(precision, self.device.type),
                 scaler=None,  # the loop scales only fp16, which is not timed here
             )
         return self._runners[key]
