@@ -22,6 +22,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "eval": ("eval", "FID, sFID, IS, precision/recall, FD-DINOv2 of samples against a reference"),
     "curves": ("curves", "metric-vs-step curves of runs and the speed-up over a baseline run"),
     "flops": ("flops", "parameters and forward GFLOPs of models and tokenizers"),
+    "probe": ("probe", "alignment diagnostics: CKNNA to an encoder and linear probes, per SiT layer"),
     "tokenizer": ("tokenizer", "tokenizer utilities: latent statistics in REPA-E's stats-file format"),
     "bench": ("bench", "training, sampling and data throughput side by side, written as JSON"),
 }

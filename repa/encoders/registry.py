@@ -8,6 +8,11 @@ takes the same path minus the checkpoint (random weights), which is what the tes
 
 A name that is a path to a `.safetensors` file saved by `save_local_encoder` builds that local
 encoder instead (see `repa.encoders.local`).
+
+`NAME:random` (or `NAME:random:SEED`) is the random-teacher control: NAME's architecture,
+preprocessing and token grid with seeded random weights (seed 0 by default), no weight file
+read. Its `name` keeps the suffix, so features cached from the trained NAME are never used
+for it. The init runs on a forked RNG: building it leaves the caller's random stream as it was.
 """
 
 from __future__ import annotations
@@ -43,6 +48,24 @@ from .weights import (
 )
 
 NO_ENCODER = "none"
+RANDOM_SUFFIX = "random"  # NAME:random[:SEED], the random-weights control
+
+
+def split_random(name: str) -> tuple[str, int | None]:
+    """'dinov2-b:random' -> ('dinov2-b', 0); 'dinov2-b:random:3' -> ('dinov2-b', 3); a name
+    without the suffix -> (name, None)."""
+    base, sep, tail = name.strip().rpartition(":" + RANDOM_SUFFIX)
+    if sep and tail == "":
+        return base, 0
+    if sep and tail.startswith(":") and tail[1:].isdigit():
+        return base, int(tail[1:])
+    if sep or name.strip().endswith(":" + RANDOM_SUFFIX + ":"):
+        raise ValueError(f"encoder {name!r}: the control is written NAME:random or NAME:random:SEED")
+    return name, None
+
+
+def random_name(base: str, seed: int) -> str:
+    return f"{base}:{RANDOM_SUFFIX}" + (f":{seed}" if seed else "")
 
 
 @dataclass(frozen=True)
@@ -97,7 +120,11 @@ def is_local_encoder_path(name: str) -> bool:
 
 def canonical_encoder_name(name: str) -> str:
     """Resolve aliases (REPA's `dinov2-vit-b`, `clip-vit-L`, ...; case-insensitive) to the
-    canonical registry name. Paths to local encoder files are returned unchanged."""
+    canonical registry name. Paths to local encoder files are returned unchanged; a random
+    control keeps its suffix (`dinov2-vit-b:random` -> `dinov2-b:random`)."""
+    base, seed = split_random(name)
+    if seed is not None:
+        return random_name(canonical_encoder_name(base), seed)
     if is_local_encoder_path(name):
         return name
     key = name.strip().lower()
@@ -112,8 +139,9 @@ def canonical_encoder_name(name: str) -> str:
 
 
 def get_encoder_spec(name: str) -> EncoderSpec:
-    """The spec of a registered encoder (aliases accepted); `.dim` needs no model build."""
-    return ENCODERS[canonical_encoder_name(name)]
+    """The spec of a registered encoder (aliases accepted, a `:random` control's is its
+    architecture's); `.dim` needs no model build."""
+    return ENCODERS[canonical_encoder_name(split_random(name)[0])]
 
 
 def create_encoder(
@@ -128,7 +156,8 @@ def create_encoder(
     """Build a frozen encoder for square uint8 images of side `resolution`.
 
     Args:
-        name: registry name or alias (see `list_encoders()`), or a path to a local encoder file.
+        name: registry name or alias (see `list_encoders()`), or a path to a local encoder file;
+            with `:random` / `:random:SEED` appended, that architecture with seeded random weights.
         pretrained: load the published weights from the hub cache (timm / Hugging Face /
             torch.hub, downloaded if online). False builds random weights on explicit request.
         weights: path to a checkpoint (.safetensors, .pth, .pt, .tar) in timm layout or in the
@@ -144,6 +173,20 @@ def create_encoder(
         EncoderWeightsError: weights requested but missing, unreadable or mismatched.
         ValueError: unknown name, or a resolution the encoder's patch grid cannot take.
     """
+    base, seed = split_random(name)
+    if seed is not None:
+        if weights is not None:
+            raise ValueError(
+                f"--encoder {name} builds random weights: drop --encoder-weights ({weights}), or drop "
+                f":{RANDOM_SUFFIX} to load them"
+            )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            encoder = create_encoder(
+                base, resolution=resolution, pretrained=False, arch_overrides=arch_overrides
+            )
+        encoder.name = random_name(encoder.name, seed)
+        return encoder
     if is_local_encoder_path(name):
         from .local import load_local_encoder
 

@@ -321,6 +321,9 @@ def _train(config: ExperimentConfig, cleanup: contextlib.ExitStack) -> TrainResu
     in_shards = cached_fields(config, manifest, tokenizer, encoders)
     fields = method.batch_fields(frozenset(n for n, on in zip(("latents", "features"), in_shards) if on))
     with_latents, with_features = "latents" in fields, "features" in fields
+    if accelerator.is_main_process:  # what a step computes: the compute axis of `repa curves`
+        targets = {"latents_cached": with_latents, "features_cached": with_features}
+        (run_dir / "targets.json").write_text(json.dumps(targets))
     if accelerator.is_main_process and (encoders or tokenizer.name != "pixels"):
         print(
             "targets: "
