@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.required = True
     for verb, (module_name, help_text) in VERBS.items():
         module = importlib.import_module(f"repa.commands.{module_name}")
-        verb_parser = subparsers.add_parser(verb, help=help_text, description=help_text)
+        # No prefix matching: a REPA flag such as --vae must never be read as another flag.
+        verb_parser = subparsers.add_parser(verb, help=help_text, description=help_text, allow_abbrev=False)
         module.add_arguments(verb_parser)
         verb_parser.set_defaults(_run=module.run)
     return parser

@@ -200,14 +200,22 @@ class DataOptions(_Section):
 @dataclass
 class TokenizerOptions(_Section):
     tokenizer: str = option(
-        "sd-vae-ft-mse", "latent space: sd-vae-ft-mse | sd-vae-ft-ema | f8d4 | f16d32 | pixels | PATH"
+        "sd-vae-ft-mse",
+        "latent space: sd-vae-ft-mse | sd-vae-ft-ema | f8d4 | f16d32 | pixels | PATH",
+        aliases=("--vae",),
     )
-    tokenizer_weights: str | None = option(None, "local weights file or folder for the tokenizer")
+    tokenizer_weights: str | None = option(
+        None,
+        "local weights file or folder for the tokenizer (its NAME-latents-stats.pt beside it is read)",
+        aliases=("--vae-ckpt",),
+    )
     tokenizer_stats: str | None = option(
         None, "latents-stats file (REPA-E format) for per-channel normalisation"
     )
     decode_tokenizer: str | None = option(
-        None, "tokenizer used to decode samples (REPA decodes with sd-vae-ft-ema)"
+        None,
+        "tokenizer that decodes samples (default: --tokenizer, the one the training latents came "
+        "from; REPA's published pairing: sd-vae-ft-mse latents decoded with sd-vae-ft-ema)",
     )
 
 
@@ -234,6 +242,16 @@ class TransportOptions(_Section):
     )
     time_loc: float = option(0.0, "logit-normal location")
     time_scale: float = option(1.0, "logit-normal scale")
+    time_shift: float = option(
+        1.0,
+        "sampling timestep shift k: grid times t -> k t / (1 + (k - 1) t), 1 = none (repa sample's "
+        "--time-shift default for this model; LightningDiT's timestep_shift s is k = 1/s)",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.time_shift > 0:
+            raise ValueError(f"--time-shift must be > 0 (1 = no shift), got {self.time_shift}")
 
 
 @dataclass
@@ -273,12 +291,23 @@ class VAEOptions(_Section):
     disc_max_grad_norm: float | None = option(
         None, "gradient clipping norm of the discriminator (default: --max-grad-norm)"
     )
-    vae_align_coeff: float = option(1.5, "alignment weight in the VAE loss")
+    vae_align_coeff: float = option(
+        1.5, "alignment weight in the VAE loss", aliases=("--vae-align-proj-coeff",)
+    )
     l1_weight: float = option(1.0, "reconstruction L1 weight")
     lpips_weight: float = option(1.0, "LPIPS weight")
     kl_weight: float = option(1e-6, "KL weight")
     gan_weight: float = option(0.1, "generator adversarial weight (constant from step 0)")
     disc_layers: int = option(3, "PatchGAN discriminator layers (REPA-E: 3)")
+    disc_pretrained_ckpt: str | None = option(
+        None, "start the discriminator from this state dict (REPA-E's layout, loaded strictly)"
+    )
+    bn_momentum: float = option(0.1, "momentum of the SiT's latent BatchNorm running statistics (REPA-E)")
+    lpips_legacy_rescale: bool = option(
+        False,
+        "LPIPS as REPA-E's published runs computed it: inputs rescaled x -> 2x - 1 a second time "
+        "(off: the fixed LPIPS)",
+    )
     lpips_weights: str | None = option(None, "LPIPS linear-layer weights file (lpips v0.1 vgg.pth)")
     vgg_weights: str | None = option(None, "torchvision VGG16 weights file for LPIPS")
 
@@ -544,8 +573,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         value_type = _value_type(section_type, f)
         choices = _choices(section_type, f.name)
         if value_type is parse_bool:
-            # `--random-flip` alone means true; `--random-flip false` also works.
+            # `--random-flip` alone means true; `--random-flip false` also works; `--no-random-flip`
+            # too (REPA's BooleanOptionalAction spelling).
             kwargs.update(nargs="?", const=True, type=parse_bool, metavar="BOOL")
+            negations = ["--no-" + name[2:] for name in (_flag_name(f), *f.metadata.get("aliases", ()))]
+            groups[section_name].add_argument(
+                *negations, dest=kwargs["dest"], action="store_const", const=False, default=argparse.SUPPRESS,
+                help=argparse.SUPPRESS,
+            )  # fmt: skip
         elif choices is not None:
             kwargs.update(type=_checked_by(parser, section_type, f))
             if not choices[1]:  # a single value: --help shows {a,b}
@@ -555,6 +590,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         groups[section_name].add_argument(_flag_name(f), *f.metadata.get("aliases", ()), **kwargs)
     # REPA's --resume-step N: resume from that step's checkpoint.
     parser.add_argument("--resume-step", type=int, default=None, help="REPA alias: resume from this step")
+    from repa.dropin import add_train_arguments
+
+    add_train_arguments(parser)  # REPA / REPA-E flags that convert or are refused
 
 
 def load_preset(path: str | Path) -> dict:
@@ -577,7 +615,11 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
             section, name = dest.split(".", 1)
             values.setdefault(section, {})[name] = value
     if getattr(args, "resume_step", None) is not None:
-        values.setdefault("run", {})["resume"] = f"step:{args.resume_step}"
+        # REPA's --resume-step 0 (its default) starts from scratch
+        values.setdefault("run", {})["resume"] = f"step:{args.resume_step}" if args.resume_step else "none"
+    from repa.dropin import DEST, apply_train_flags
+
+    apply_train_flags(values, values.pop(DEST.rstrip("."), {}))  # the "dropin.NAME" dests
     return ExperimentConfig.from_dict(values).validate()
 
 

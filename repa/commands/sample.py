@@ -2,6 +2,7 @@
 
 Runs as one process or under `accelerate launch -m repa sample ...` / `torchrun -m repa sample ...`;
 the sample set is the same either way, and an interrupted run resumes when rerun.
+REPA's and REPA-E's generate.py flags work too (repa.dropin, docs/dropin.md).
 """
 
 from __future__ import annotations
@@ -27,6 +28,21 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="guide only the first N latent channels, the rest take the conditional prediction "
         "(DiT, SiT, LightningDiT and PixArt use 3, so their CFG scales need it); default: all",
+    )
+    group.add_argument(
+        "--time-shift",
+        type=float,
+        default=None,
+        metavar="K",
+        help="timestep shift: grid times t -> K t / (1 + (K - 1) t) (t=1 noise; K > 1 spends more steps "
+        "at high noise, as SD3's shift); default: the run's --time-shift, else 1 (none)",
+    )
+    group.add_argument(
+        "--timestep-shift",
+        type=float,
+        default=None,
+        metavar="S",
+        help="LightningDiT's timestep_shift, in its convention (t=1 data): --time-shift 1/S (0: none)",
     )
     group.add_argument(
         "--mixed-precision",
@@ -62,7 +78,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def sampler_settings_from_args(args: argparse.Namespace):
+def resolve_time_shift(args: argparse.Namespace, default: float = 1.0) -> float:
+    """--time-shift K, or LightningDiT's --timestep-shift S (K = 1/S in our convention; S = 0: none),
+    or `default` (the run's config)."""
+    shift, theirs = args.time_shift, args.timestep_shift
+    if shift is not None and theirs is not None:
+        raise ValueError("give --time-shift or --timestep-shift (LightningDiT's, = 1/K), not both")
+    if theirs is not None:
+        if theirs < 0:
+            raise ValueError(f"--timestep-shift must be >= 0 (0: none), got {theirs}")
+        return 1.0 if theirs == 0 else 1.0 / theirs
+    return default if shift is None else shift
+
+
+def sampler_settings_from_args(args: argparse.Namespace, default_time_shift: float = 1.0):
+    """The sampler the flags ask for; default_time_shift: the shift when no flag gives one."""
     from repa.eval.sample import SamplerSettings
 
     return SamplerSettings(
@@ -74,15 +104,21 @@ def sampler_settings_from_args(args: argparse.Namespace):
         guidance_high=args.guidance_high,
         precision=args.precision,
         cfg_channels=args.cfg_channels,
+        time_shift=resolve_time_shift(args, default_time_shift),
     )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from repa.dropin import add_sample_arguments
+
     parser.add_argument(
-        "source", metavar="RUN_OR_CHECKPOINT", help="run dir, checkpoint folder, or weights file"
+        "source",
+        nargs="?",
+        metavar="RUN_OR_CHECKPOINT",
+        help="run dir, checkpoint folder, or weights file (or REPA's --ckpt, REPA-E's --exp-path)",
     )
     parser.add_argument("--num-samples", type=int, default=50_000, help="images to sample (default 50000)")
-    parser.add_argument("--output", required=True, help="the .npz to write (arr_0: uint8 N x H x W x 3)")
+    parser.add_argument("--output", default=None, help="the .npz to write (arr_0: uint8 N x H x W x 3)")
     parser.add_argument("--checkpoint-step", type=int, default=None, help="step of a run (default: newest)")
     parser.add_argument("--grid", default=None, help="also save a PNG grid of the first 64 images")
     parser.add_argument(
@@ -91,34 +127,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-parts", action="store_true", help="keep the chunk files after merging")
     add_sampler_arguments(parser)
     add_model_arguments(parser)
+    add_sample_arguments(parser)  # after the flags they alias, whose defaults stand
 
 
 def run(args: argparse.Namespace) -> int:
     import os
 
+    import torch
+
+    from repa.dropin import check_architecture, resolve_sample_source, sample_batch_size, sample_output_path
     from repa.eval.checkpoints import load_generator
     from repa.eval.sample import sample_to_npz
 
-    if not args.output.endswith(".npz"):
-        raise ValueError(f"--output must be a .npz file (the ADM evaluator's format), got {args.output}")
-    generator = load_generator(
-        args.source,
-        checkpoint_step=args.checkpoint_step,
-        model=args.model,
-        tokenizer=args.tokenizer,
-        tokenizer_weights=args.tokenizer_weights,
-        tokenizer_stats=args.tokenizer_stats,
-        path_type=args.path_type,
-        reverse_time=getattr(args, "reverse_time", None),
-    )
+    source = resolve_sample_source(args)
+    output_path = sample_output_path(args, source["path"])
+    if not output_path.endswith(".npz"):
+        raise ValueError(f"--output must be a .npz file (the ADM evaluator's format), got {output_path}")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    generator = load_generator(source.pop("path"), **source)
+    check_architecture(generator, args)
+    # the model's own timestep shift (its config's --time-shift) unless a flag gives one
+    time_shift = generator.config.transport.time_shift if generator.config is not None else 1.0
     output = sample_to_npz(
         generator,
-        args.output,
+        output_path,
         num_samples=args.num_samples,
-        settings=sampler_settings_from_args(args),
+        settings=sampler_settings_from_args(args, time_shift),
         seed=args.seed,
         labels=args.labels,
-        batch_size=args.batch_size,
+        batch_size=sample_batch_size(args, int(os.environ.get("WORLD_SIZE", "1"))),
         chunk_size=args.chunk_size,
         grid=args.grid,
         keep_parts=args.keep_parts,

@@ -58,8 +58,12 @@ class SamplerSettings:
     precision: str = "auto"
     # guide only the first N latent channels (DiT/SiT/LightningDiT/PixArt: 3); None: all (REPA)
     cfg_channels: int | None = None
+    # timestep shift k: grid times t -> k t / (1 + (k - 1) t) (repa.transport.samplers); 1: none
+    time_shift: float = 1.0
 
     def __post_init__(self) -> None:
+        if not self.time_shift > 0:
+            raise ValueError(f"time_shift must be > 0 (1 = no shift), got {self.time_shift}")
         if self.cfg_channels is not None and self.cfg_channels < 1:
             raise ValueError(f"cfg_channels must be >= 1 (or None for all channels), got {self.cfg_channels}")
         if self.precision not in PRECISION_CHOICES:
@@ -74,11 +78,13 @@ class SamplerSettings:
         return dataclasses.replace(self, precision=choice.label)
 
     def to_dict(self) -> dict:
-        """The record of these settings; cfg_channels only when set, so records (chunk settings,
-        curve caches) made before it existed still match full-channel guidance."""
+        """The record of these settings; cfg_channels and time_shift only when set, so records
+        (chunk settings, curve caches) made before they existed still match."""
         record = asdict(self)
         if record["cfg_channels"] is None:
             del record["cfg_channels"]
+        if record["time_shift"] == 1.0:  # likewise: records made before the shift existed match
+            del record["time_shift"]
         return record
 
 
@@ -143,6 +149,7 @@ def generate_batch(
             null_label=generator.model.null_label,
             path=generator.path_type,
             cfg_channels=settings.cfg_channels,
+            time_shift=settings.time_shift,
         )
     return generator.decode(latents)  # decoded in float32, rounded to uint8
 

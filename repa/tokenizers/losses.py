@@ -8,7 +8,9 @@ Discriminator loss  = 0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x_rec.detach(
 LPIPS input range: LPIPS (v0.1) expects images in [-1, 1] and applies its ScalingLayer
 ((x - shift) / scale) once. REPA-E's training scripts already map images to [-1, 1], and its
 `loss/lpips.py` then applied `x * 2 - 1` a second time, feeding VGG images in [-3, 1] (fixed upstream in
-End2End-Diffusion/REPA-E pull request 17). Here `LPIPS.forward` takes [-1, 1] and does no other rescaling.
+End2End-Diffusion/REPA-E pull request 17). Here `LPIPS.forward` takes [-1, 1] and does no other rescaling,
+unless built with `legacy_rescale=True` (`--lpips-legacy-rescale`): then it computes what REPA-E's published
+runs did, LPIPS_fixed(2x - 1, 2y - 1), to reproduce them.
 """
 
 from __future__ import annotations
@@ -107,7 +109,8 @@ class LPIPS(nn.Module):
 
     Inputs in [-1, 1]; frozen (eval, no parameter gradients), gradients flow to the inputs.
     pretrained=False: random VGG weights (tests); the linear weights still come from `linear_weights`
-    when given, else are set to ones/C.
+    when given, else are set to ones/C. legacy_rescale: map inputs x -> 2x - 1 first (REPA-E's
+    published double rescale; module docstring).
     """
 
     def __init__(
@@ -115,8 +118,10 @@ class LPIPS(nn.Module):
         linear_weights: str | os.PathLike | None = None,
         vgg_weights: str | os.PathLike | None = None,
         pretrained: bool = True,
+        legacy_rescale: bool = False,
     ):
         super().__init__()
+        self.legacy_rescale = legacy_rescale
         from torchvision.models.vgg import cfgs, make_layers
 
         # torchvision's VGG16 feature stack (same module indices as vgg16().features) without building
@@ -160,6 +165,8 @@ class LPIPS(nn.Module):
 
     def forward(self, images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
         """images, reconstructions (B, 3, H, W) in [-1, 1] -> distance per image (B,)."""
+        if self.legacy_rescale:  # REPA-E's published runs: a second [0, 1] -> [-1, 1] rescale
+            images, reconstructions = images * 2 - 1, reconstructions * 2 - 1
         x = (images - self.shift) / self.scale
         y = (reconstructions - self.shift) / self.scale
         distance = torch.zeros(images.shape[0], device=images.device, dtype=images.dtype)
@@ -207,6 +214,19 @@ class NLayerDiscriminator(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) in [-1, 1] -> logits (B, 1, H/8 - 2, W/8 - 2) for 3 layers."""
         return self.main(images)
+
+
+def load_discriminator(discriminator: NLayerDiscriminator, path: str | os.PathLike) -> None:
+    """Load a PatchGAN state dict in REPA-E's layout (`main.{i}.*`: its --disc-pretrained-ckpt file,
+    a bare state dict) strictly; REPA-E's training checkpoints (under "discriminator") load too."""
+    from repa.tokenizers.checkpoint import load_state_dict_strict, read_checkpoint
+
+    state = read_checkpoint(path)
+    if isinstance(state.get("discriminator"), dict):
+        state = state["discriminator"]
+    if state and all(key.startswith("module.") for key in state):  # saved from a DDP wrapper
+        state = {key[len("module.") :]: value for key, value in state.items()}
+    load_state_dict_strict(discriminator, state, f"discriminator checkpoint {path}")
 
 
 # ---- the combination ----------------------------------------------------------------------------------

@@ -7,7 +7,15 @@
        the last step, 0.04 -> 0, takes the mean only (no noise).
 
 Classifier-free guidance v = v_u + scale (v_c - v_u), on all channels, is applied only at times
-low <= t <= high. With `cfg_channels` N only the first N latent channels are guided and the
+low <= t <= high. Heun's corrector (evaluated at t_next) is guided when the step's own time t_cur
+is in the interval, as REPA decides it, so the step that crosses an interval edge matches REPA's.
+
+Time shift (`time_shift` k, LightningDiT's timestep shift in our convention): every grid point t
+becomes k t / (1 + (k - 1) t), which keeps 0 and 1 and, for k > 1, spends more steps at high noise
+(SD3/FLUX's shift). LightningDiT's `timestep_shift` s acts on its own time u = 1 - t as
+s u / (1 + (s - 1) u); written in t that is exactly the map above with k = 1 / s. k = 1: no shift.
+
+With `cfg_channels` N only the first N latent channels are guided and the
 others keep the conditional prediction, as DiT, SiT, LightningDiT and PixArt do with N = 3, so
 their published CFG scales reproduce (docs/conventions.md, "Sampling and evaluation").
 Inside the interval the model is called once on the stacked batch [x; x] with labels [y; null];
@@ -139,16 +147,18 @@ def guided_velocity(
     labels: Tensor,
     guidance: Guidance,
     model_dtype: torch.dtype | None = None,
+    guided_at: float | None = None,
 ) -> Tensor:
     """The (guided) velocity at time t for state x (B, ...), returned in x's dtype.
 
     Inside the guidance interval: one model call on 2B rows ([x; x], [labels; null]).
     Otherwise: one call on the B conditional rows only. With guidance.channels N, channels N and
-    beyond take the conditional velocity.
+    beyond take the conditional velocity. guided_at: the time whose membership of the interval
+    decides whether to guide (default t; Heun's corrector passes the step's start, as REPA).
     """
     model_dtype = model_dtype or x.dtype
     batch_size = x.shape[0]
-    if not guidance.active(t):
+    if not guidance.active(t if guided_at is None else guided_at):
         t_batch = torch.full((batch_size,), t, device=x.device, dtype=model_dtype)
         return velocity_fn(x.to(model_dtype), t_batch, labels).to(x.dtype)
     null_labels = torch.full_like(labels, guidance.null_label)
@@ -187,11 +197,14 @@ def heun_step(
     guidance: Guidance,
     model_dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Heun (trapezoid) step: Euler predictor, then the mean of the slopes at t_cur and t_next."""
+    """Heun (trapezoid) step: Euler predictor, then the mean of the slopes at t_cur and t_next.
+    Both slopes are guided or neither, decided at t_cur (REPA's rule)."""
     dt = t_next - t_cur
     velocity = guided_velocity(velocity_fn, x, t_cur, labels, guidance, model_dtype)
     x_euler = x + dt * velocity
-    velocity_next = guided_velocity(velocity_fn, x_euler, t_next, labels, guidance, model_dtype)
+    velocity_next = guided_velocity(
+        velocity_fn, x_euler, t_next, labels, guidance, model_dtype, guided_at=t_cur
+    )
     return x + dt * (0.5 * velocity + 0.5 * velocity_next)
 
 
@@ -221,8 +234,16 @@ def euler_maruyama_step(
     return x_next
 
 
-def time_grid(mode: SampleMode | str, num_steps: int) -> list[float]:
-    """The float64 times a sampler visits, from 1 (noise) to 0 (data): num_steps + 1 values."""
+def shift_time(t: Tensor, shift: float) -> Tensor:
+    """The timestep shift t -> k t / (1 + (k - 1) t) with k = shift (1: identity; 0 and 1 stay)."""
+    if not shift > 0:
+        raise ValueError(f"time_shift must be > 0 (1 = no shift), got {shift!r}")
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def time_grid(mode: SampleMode | str, num_steps: int, time_shift: float = 1.0) -> list[float]:
+    """The float64 times a sampler visits, from 1 (noise) to 0 (data): num_steps + 1 values,
+    each moved by the time shift (module docstring) when time_shift != 1."""
     mode = _parse_enum(SampleMode, mode, "sampling mode")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
@@ -231,6 +252,8 @@ def time_grid(mode: SampleMode | str, num_steps: int) -> list[float]:
     else:
         grid = torch.linspace(1.0, SDE_LAST_TIME, num_steps, dtype=torch.float64)
         grid = torch.cat([grid, torch.zeros(1, dtype=torch.float64)])
+    if time_shift != 1.0:
+        grid = shift_time(grid, time_shift)
     return grid.tolist()
 
 
@@ -251,6 +274,7 @@ def sample(
     path: PathType | str = PathType.LINEAR,
     model_dtype: torch.dtype | None = None,
     cfg_channels: int | None = None,
+    time_shift: float = 1.0,
 ) -> Tensor:
     """Generate a batch by integrating `velocity_fn` from t=1 to t=0.
 
@@ -264,6 +288,8 @@ def sample(
     null_label: the unconditional class (num_classes in our models); needed when cfg_scale != 1.
     cfg_channels: guide only the first N channels of the state (DiT/SiT/LightningDiT/PixArt use 3);
         None (default) guides every channel, as REPA does.
+    time_shift: k of the timestep shift t -> k t / (1 + (k - 1) t) applied to the time grid
+        (1: none; LightningDiT's timestep_shift s is k = 1 / s).
     path: "linear" | "cosine", used by the SDE's score. model_dtype: dtype of x and t given to the
         model (default: the state's dtype; under autocast leave it unset).
     Returns the final state (B, ...) in float32 (float64 if the given noise was float64).
@@ -276,7 +302,7 @@ def sample(
             f"method {method.value!r} is not available for mode {mode.value!r}; valid: {choices}"
         )
     path = parse_path(path)
-    grid = time_grid(mode, num_steps)
+    grid = time_grid(mode, num_steps, time_shift)
     guidance = Guidance(
         scale=cfg_scale, low=guidance_low, high=guidance_high, null_label=null_label, channels=cfg_channels
     )

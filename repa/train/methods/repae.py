@@ -72,16 +72,21 @@ class REPAEMethod(DenoisingMethod):
             raise ValueError("--method repa-e aligns to an encoder: set --encoder (e.g. dinov2-b)")
         if config.tokenizer.tokenizer == "pixels":
             raise ValueError("--method repa-e trains a VAE end to end: choose a VAE tokenizer, not pixels")
+        if not 0 < config.vae.bn_momentum <= 1:
+            raise ValueError(f"--bn-momentum must be in (0, 1], got {config.vae.bn_momentum}")
 
     @classmethod
     def build(cls, context: MethodContext) -> REPAEMethod:
-        from repa.tokenizers.losses import LPIPS, VAELoss, VAELossConfig
+        from repa.tokenizers.losses import LPIPS, VAELoss, VAELossConfig, load_discriminator
 
         config, tokenizer, model = context.config, context.tokenizer, context.model
         tokenizer.unfreeze()
         init_latent_batchnorm(model, tokenizer)
         vae = config.vae
-        lpips = LPIPS(vae.lpips_weights, vae.vgg_weights) if vae.lpips_weight > 0 else None
+        model.bn.momentum = vae.bn_momentum  # REPA-E's --bn-momentum; finish_step moves by it
+        lpips = None
+        if vae.lpips_weight > 0:
+            lpips = LPIPS(vae.lpips_weights, vae.vgg_weights, legacy_rescale=vae.lpips_legacy_rescale)
         loss_config = VAELossConfig(
             l1_weight=vae.l1_weight,
             lpips_weight=vae.lpips_weight,
@@ -89,7 +94,10 @@ class REPAEMethod(DenoisingMethod):
             gan_weight=vae.gan_weight,
             disc_layers=vae.disc_layers,
         )
-        vae_loss = VAELoss(loss_config, lpips=lpips).to(context.device)
+        vae_loss = VAELoss(loss_config, lpips=lpips)
+        if vae.disc_pretrained_ckpt:  # a resumed run then loads its own discriminator over it
+            load_discriminator(vae_loss.discriminator, vae.disc_pretrained_ckpt)
+        vae_loss = vae_loss.to(context.device)
         vae_params = [p for p in tokenizer.parameters() if p.requires_grad]
         discriminator = vae_loss.discriminator
         clip = config.optim.max_grad_norm  # each group's own norm unless set apart
