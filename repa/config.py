@@ -349,6 +349,12 @@ class RunOptions(_Section):
         "the same for start-up with the first step (compilation), checkpoint saves, previews and "
         "--eval-every evaluations",
     )
+    dist_timeout: float = option(
+        0.0,
+        "seconds a collective waits for the other ranks before torch.distributed fails the job; 0: "
+        "120 s above the larger of --step-timeout and --long-phase-timeout (at least 3720 s), so a "
+        "frozen rank is reported by the watchdog and rank 0's longest phase fits",
+    )
     lease_stale_after: float = option(
         300.0, "seconds without a heartbeat after which another start takes over the run directory"
     )
@@ -378,6 +384,8 @@ class RunOptions(_Section):
             raise ValueError(f"--checkpointing-steps must be >= 1, got {self.checkpointing_steps}")
         if self.step_timeout < 0 or self.long_phase_timeout < 0:
             raise ValueError("--step-timeout and --long-phase-timeout must be >= 0 (0 disables)")
+        if self.dist_timeout < 0:
+            raise ValueError(f"--dist-timeout must be >= 0 (0: derived), got {self.dist_timeout}")
         if self.lease_stale_after <= 0:
             raise ValueError(f"--lease-stale-after must be > 0, got {self.lease_stale_after}")
         if self.keep_checkpoints < 2:

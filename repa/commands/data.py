@@ -32,6 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache-flipped-features", action="store_true", help="also store tokens of the flipped image"
     )
     build.add_argument("--encode-batch-size", type=int, default=64)
+    build.add_argument(
+        "--ignore-disk-space",
+        action="store_true",
+        help="build even when the estimated output is larger than the free space of OUT's device",
+    )
 
     verify = actions.add_parser("verify", help="decode every sample; check counts and sha256")
     verify.add_argument("shards", metavar="SHARDS", help="shard folder, manifest or brace pattern")
@@ -97,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
             latent_dtype=args.latent_dtype,
             cache_flipped_features=args.cache_flipped_features,
             encode_batch_size=args.encode_batch_size,
+            on_estimate=lambda estimate, free: print(estimate.describe(free), flush=True),
+            ignore_disk_space=args.ignore_disk_space,
         )
         print(
             f"{result.num_samples} samples -> {args.output}/{result.pattern} "

@@ -42,7 +42,7 @@ import torch
 from repa.eval.checkpoints import Generator, load_generator
 from repa.eval.metrics import Evaluator
 from repa.eval.references import ReferenceStats, fingerprint
-from repa.eval.sample import SamplerSettings, generate_images
+from repa.eval.sample import SamplerSettings, generate_images, generate_share
 from repa.precision import resolve_precision
 from repa.runs import COMPLETE, checkpoint_name, list_checkpoints
 from repa.utils.files import write_bytes_atomic
@@ -64,10 +64,23 @@ def evaluate_generator(
     labels: str = "balanced",
     batch_size: int = 64,
     device: torch.device | str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, float]:
-    """Sample `num_samples` images in memory (streamed, never written) and score them."""
+    """Sample `num_samples` images in memory (streamed, never written) and score them.
+
+    With world_size > 1 every process of torch.distributed's default group calls this: each
+    samples its share (`batch_size` per process) and computes its features, and the scores of the
+    whole set come back on every process (`Evaluator.evaluate_share`); only rank 0 needs `ref`.
+    """
     device = torch.device(device or evaluator.device)
     generator.to(device)
+    if world_size > 1:
+        indices, images = generate_share(
+            generator, num_samples, settings, seed=seed, labels=labels, batch_size=batch_size,
+            rank=rank, world_size=world_size, device=device,
+        )  # fmt: skip
+        return evaluator.evaluate_share(images, indices, ref, rank=rank, world_size=world_size)
     images = generate_images(
         generator, num_samples, settings, seed=seed, labels=labels, batch_size=batch_size, device=device
     )
@@ -88,12 +101,15 @@ def evaluate_model(
     labels: str = "balanced",
     batch_size: int = 64,
     device: torch.device | str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, float]:
     """Score an in-memory SiT (e.g. the EMA model during training, `--eval-every`).
 
     Build the Evaluator and the reference statistics once (`evaluator.reference(ref)`) and pass
     the result as `ref`, so each call pays only for sampling and sample features. The model's
-    train/eval mode is restored afterwards.
+    train/eval mode is restored afterwards. rank / world_size: spread over the processes of
+    torch.distributed's default group, all of which call this (see `evaluate_generator`).
     """
     was_training = model.training
     model.eval()
@@ -110,6 +126,8 @@ def evaluate_model(
                 labels=labels,
                 batch_size=batch_size,
                 device=device,
+                rank=rank,
+                world_size=world_size,
             )
     finally:
         model.train(was_training)

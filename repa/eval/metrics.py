@@ -158,6 +158,12 @@ class Evaluator:
         default: what this evaluator's metrics need from a sample set.
         """
         needs = self._needs(for_reference=False) if needs is None else needs
+        moments, kept, count = self._accumulate(images, needs)
+        features = {key: torch.cat(chunks).numpy() for key, chunks in kept.items()}
+        return self._set_features(moments, features, count)
+
+    def _accumulate(self, images: Iterable[torch.Tensor], needs: dict[str, tuple[set[str], set[str]]]):
+        """(moments per (space kind, feature), kept float32 CPU chunks per (kind, feature), count)."""
         moments = {(kind, f): FeatureMoments() for kind, (gs, _) in needs.items() for f in gs}
         kept: dict[tuple[str, str], list[torch.Tensor]] = {
             (kind, f): [] for kind, (_, keep) in needs.items() for f in keep
@@ -176,12 +182,66 @@ class Evaluator:
                 for (k, feature), chunks in kept.items():
                     if k == kind:
                         chunks.append(outputs[feature].float().cpu())
+        return moments, kept, count
+
+    def _set_features(self, moments: dict, kept: dict[tuple[str, str], np.ndarray], count: int):
         stats = ReferenceStats(count=count)
         for (kind, feature), accumulator in moments.items():
             stats.gaussians[f"{self.spaces[kind].name}/{feature}"] = accumulator.gaussian()
-        for (kind, feature), chunks in kept.items():
-            stats.features[f"{self.spaces[kind].name}/{feature}"] = torch.cat(chunks).numpy()
+        for (kind, feature), values in kept.items():
+            stats.features[f"{self.spaces[kind].name}/{feature}"] = values
         return SetFeatures(stats, count)
+
+    def evaluate_share(
+        self,
+        images: Iterable[torch.Tensor],
+        indices: np.ndarray,
+        ref: str | os.PathLike | ReferenceStats | None,
+        *,
+        rank: int,
+        world_size: int,
+    ) -> dict[str, float]:
+        """Score a sample set spread over the processes of torch.distributed's default group.
+
+        Every process passes its share: uint8 (B, 3, H, W) batches of the samples `indices` (int64,
+        in batch order; `repa.eval.sample.generate_share`) and computes their features. The Gaussians'
+        float64 sums are added over processes (one all-reduce each) and the features kept in full
+        (IS, precision/recall) are gathered on process 0 and put in sample-index order, so the
+        scores are those of one process scoring the whole set (Fréchet distances to float64
+        rounding, the others exactly). Only process 0 needs `ref`; every process returns the scores.
+        """
+        import torch.distributed as dist
+
+        needs = self._needs(for_reference=False)
+        moments, kept, count = self._accumulate(images, needs)
+        if count != len(indices):
+            raise ValueError(f"{count} images for {len(indices)} sample indices")
+        _sum_moments_over_ranks(moments, self.device)
+        counted = torch.tensor([count], dtype=torch.int64, device=self.device)
+        dist.all_reduce(counted)
+        local = (
+            indices,
+            {key: torch.cat(chunks).numpy() if chunks else None for key, chunks in kept.items()},
+        )
+        shares = [None] * world_size if rank == 0 else None
+        dist.gather_object(local, shares, dst=0)
+        results: list[dict[str, float] | Exception | None] = [None]
+        if rank == 0:
+            try:
+                order = np.argsort(np.concatenate([share for share, _ in shares]), kind="stable")
+                gathered = {
+                    key: np.concatenate([part[key] for _, part in shares if part[key] is not None])[order]
+                    for key in kept
+                }
+                sample_features = self._set_features(moments, gathered, int(counted.item()))
+                scores = self.score(sample_features, self.reference(ref))
+                results = [{**scores, "num_samples": sample_features.count}]
+            except Exception as error:  # every process raises it, none waits for scores that never come
+                results = [error]
+        dist.broadcast_object_list(results, src=0)
+        if isinstance(results[0], Exception):
+            raise results[0]
+        return results[0]
 
     # ---- references ------------------------------------------------------------------------------
     def reference(self, ref: str | os.PathLike | ReferenceStats) -> ReferenceStats:
@@ -294,6 +354,28 @@ class Evaluator:
         results = self.score(sample_features, reference)
         results["num_samples"] = sample_features.count
         return results
+
+
+def _sum_moments_over_ranks(moments: dict, device: torch.device) -> None:
+    """Add every process's FeatureMoments sums in place (a process with no samples adds zeros)."""
+    import torch.distributed as dist
+
+    keys = sorted(moments)
+    dims = torch.tensor(
+        [0 if moments[key].total is None else moments[key].total.shape[0] for key in keys],
+        dtype=torch.int64,
+        device=device,
+    )
+    dist.all_reduce(dims, op=dist.ReduceOp.MAX)
+    for key, dim in zip(keys, dims.tolist()):
+        accumulator = moments[key]
+        if accumulator.total is None:
+            accumulator.total = torch.zeros(dim, dtype=torch.float64, device=device)
+            accumulator.total_outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        counted = torch.tensor([accumulator.count], dtype=torch.int64, device=accumulator.total.device)
+        for tensor in (accumulator.total, accumulator.total_outer, counted):
+            dist.all_reduce(tensor)
+        accumulator.count = int(counted.item())
 
 
 def evaluate_npz(

@@ -172,6 +172,46 @@ def generate_indices(
         yield generate_batch(generator, batch_labels, seeds, settings, device)
 
 
+def chunk_indices(chunk: int, chunk_size: int, num_samples: int) -> np.ndarray:
+    """The sample indices of chunk `chunk`: chunk_size consecutive ones (fewer in the last)."""
+    return np.arange(chunk * chunk_size, min((chunk + 1) * chunk_size, num_samples))
+
+
+def chunks_of_rank(chunks: list[int], rank: int, world_size: int) -> list[int]:
+    """The chunks process `rank` of `world_size` makes: every world-th of the list from its rank."""
+    return chunks[rank::world_size]
+
+
+def generate_share(
+    generator: Generator,
+    num_samples: int,
+    settings: SamplerSettings,
+    *,
+    seed: int = 0,
+    labels: str = "balanced",
+    batch_size: int = 64,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str | None = None,
+) -> tuple[np.ndarray, Iterator[torch.Tensor]]:
+    """This process's share of the first `num_samples` images, in memory (`--eval-every`).
+
+    The split is `sample_chunks`'s, with chunks of at most one batch, so that every process has
+    work while there are samples for it. Returns (int64 indices of the share, in the order the
+    batches hold them; the uint8 (b, 3, H, W) batches). The images of an index do not depend on
+    the split: the union over ranks is the set `generate_images` makes.
+    """
+    chunk_size = max(1, min(batch_size, math.ceil(num_samples / world_size)))
+    mine = chunks_of_rank(list(range(math.ceil(num_samples / chunk_size))), rank, world_size)
+    parts = [chunk_indices(chunk, chunk_size, num_samples) for chunk in mine]
+    indices = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    all_labels = class_labels(num_samples, generator.num_classes, seed, labels)
+    batches = generate_indices(
+        generator, indices, all_labels, settings, seed=seed, batch_size=batch_size, device=device
+    )
+    return indices, batches
+
+
 def generate_images(
     generator: Generator,
     num_samples: int,
@@ -263,8 +303,8 @@ def sample_chunks(
     pending = pending_chunks(parts_dir, num_samples, chunk_size) if pending is None else pending
     all_labels = class_labels(num_samples, generator.num_classes, seed, labels)
     made = 0
-    for chunk in pending[rank::world_size]:
-        indices = np.arange(chunk * chunk_size, min((chunk + 1) * chunk_size, num_samples))
+    for chunk in chunks_of_rank(pending, rank, world_size):
+        indices = chunk_indices(chunk, chunk_size, num_samples)
         batches = generate_indices(
             generator, indices, all_labels, settings, seed=seed, batch_size=batch_size, device=device
         )
@@ -294,7 +334,7 @@ def merge_chunks(
     def chunks() -> Iterator[np.ndarray]:
         for chunk in range(total):
             with np.load(_chunk_path(parts_dir, chunk)) as data:
-                expected = np.arange(chunk * chunk_size, min((chunk + 1) * chunk_size, num_samples))
+                expected = chunk_indices(chunk, chunk_size, num_samples)
                 if not np.array_equal(data["indices"], expected):
                     raise RuntimeError(
                         f"chunk {chunk} in {parts_dir} holds indices other than {expected[[0, -1]]}"

@@ -24,7 +24,6 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ import torch
 from repa.config import ExperimentConfig, save_config
 from repa.precision import PrecisionChoice, resolve_precision
 from repa.train import checkpoint as ckpt
+from repa.train.distributed import check_shared_run_dir, process_group_timeout
 from repa.train.ema import EMA
 from repa.train.logging import MetricsLogger
 from repa.train.methods import get_method
@@ -159,12 +159,8 @@ def _train(config: ExperimentConfig, cleanup: contextlib.ExitStack) -> TrainResu
         # of training on as orphans beside a requeued job.
         die_with_parent(signal.SIGTERM)
     run = config.run
-    # The collectives wait longer than any allowance of the watchdog, so that a frozen rank is
-    # reported by the watchdog (with stacks) rather than by a timeout deep in the backend.
-    group_timeout = {"timeout": timedelta(seconds=max(run.step_timeout, run.long_phase_timeout) + 120)}
-    distributed = PartialState(
-        cpu=not torch.cuda.is_available(), **(group_timeout if run.step_timeout else {})
-    )
+    # --dist-timeout, by default longer than any allowance of the watchdog (repa.train.distributed)
+    distributed = PartialState(cpu=not torch.cuda.is_available(), timeout=process_group_timeout(run))
     chosen = [resolve_precision(config.run.mixed_precision)]
     precision = (
         broadcast_object_list(chosen, from_process=0)[0] if distributed.num_processes > 1 else chosen[0]
@@ -222,6 +218,7 @@ def _train(config: ExperimentConfig, cleanup: contextlib.ExitStack) -> TrainResu
         refusal = broadcast_object_list(refusal, from_process=0)
     if refusal[0] is not None:
         raise RunLockedError(refusal[0])
+    check_shared_run_dir(run_dir, rank, world)  # every rank must see what rank 0 writes there
     watchdog = StepWatchdog(
         run_dir,
         rank,
@@ -363,7 +360,9 @@ def _train(config: ExperimentConfig, cleanup: contextlib.ExitStack) -> TrainResu
         wandb_project=config.run.wandb_project,
         wandb_mode=config.run.wandb_mode,
     )
-    periodic_eval = make_periodic_eval(config, tokenizer, device) if config.run.eval_every else None
+    periodic_eval = None
+    if config.run.eval_every:
+        periodic_eval = make_periodic_eval(config, tokenizer, device, rank, world)
     stop = _StopFlag()
     progress = None
     if accelerator.is_main_process:
@@ -494,9 +493,8 @@ def _train(config: ExperimentConfig, cleanup: contextlib.ExitStack) -> TrainResu
                 path = write_preview(ema.model, tokenizer, config, run_dir, step, device)
                 logger.log_image(step, "samples", path)
             if periodic_eval is not None and step % config.run.eval_every == 0:
-                if accelerator.is_main_process:  # the others wait at the barrier below
-                    logger.log(step, {f"eval/{k}": v for k, v in periodic_eval(ema.model).items()})
-                accelerator.wait_for_everyone()
+                scores = periodic_eval(ema.model)  # every rank samples its share
+                logger.log(step, {f"eval/{k}": v for k, v in scores.items()})  # main process only
 
             periodic = step % config.run.checkpointing_steps == 0 or step == config.run.max_train_steps
             if periodic or stop_now:
@@ -527,23 +525,25 @@ def _train(config: ExperimentConfig, cleanup: contextlib.ExitStack) -> TrainResu
     )
 
 
-def make_periodic_eval(config: ExperimentConfig, tokenizer, device):
+def make_periodic_eval(config: ExperimentConfig, tokenizer, device, rank: int = 0, world_size: int = 1):
     """`--eval-every`: score the EMA model with the same code as `repa curves`, at a smaller
-    sample count. The evaluator and the reference statistics are built once, at start-up, so a
-    missing Inception file or reference set fails before training starts."""
+    sample count, spread over every rank (each samples its share and computes its features; rank
+    0 scores the gathered set). The evaluator is built once, at start-up, on every rank, and the
+    reference statistics on rank 0, which alone scores, so a missing Inception file or reference
+    set fails before training starts."""
     from repa.eval.curves import evaluate_model
     from repa.eval.metrics import Evaluator
 
     run = config.run
     evaluator = Evaluator(run.eval_metrics.split(","), device=device)
-    reference = evaluator.reference(run.eval_ref)
+    reference = evaluator.reference(run.eval_ref) if rank == 0 else None
     settings = _sampler_for(config, run.eval_num_steps, run.eval_cfg_scale)
 
     def evaluate(model) -> dict[str, float]:
         return evaluate_model(
             model, tokenizer, resolution=config.data.resolution, num_samples=run.eval_num_samples,
             ref=reference, evaluator=evaluator, settings=settings, path_type=config.transport.path_type,
-            seed=run.seed, device=device,
+            seed=run.seed, device=device, rank=rank, world_size=world_size,
         )  # fmt: skip
 
     return evaluate
