@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     build.add_argument("--workers", type=int, default=4, help="image-processing worker processes")
     build.add_argument("--labels", default=None, help="CSV/JSON labels file for a flat image folder")
+    build.add_argument(
+        "--captions", default=None, metavar="FILE.json", help="COCO-style captions JSON for the image folder"
+    )
     build.add_argument("--prefix", default="train", help="shard name prefix (PREFIX-000000.tar)")
     build.add_argument("--shuffle-seed", type=int, default=0, help="fixed permutation of samples over shards")
     build.add_argument("--cache-latents", metavar="TOKENIZER", default=None, help="store VAE moments")
@@ -33,9 +36,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     build.add_argument("--encode-batch-size", type=int, default=64)
     build.add_argument(
-        "--ignore-disk-space",
-        action="store_true",
-        help="build even when the estimated output is larger than the free space of OUT's device",
+        "--cache-text",
+        metavar="ENCODER",
+        default=None,
+        help="store each caption's token embeddings and mask (fp16): clip-l, t5-xxl or minilm",
+    )
+    build.add_argument(
+        "--text-encoder-weights",
+        metavar="DIR",
+        default=None,
+        help="local transformers folder for --cache-text",
     )
 
     verify = actions.add_parser("verify", help="decode every sample; check counts and sha256")
@@ -88,6 +98,15 @@ def run(args: argparse.Namespace) -> int:
 
                 encoder = create_encoder(args.cache_features, resolution=args.resolution)
                 encoder = encoder.to(device) if hasattr(encoder, "to") else encoder
+        text_encoder = None
+        if args.cache_text:
+            from repa.text import create_text_encoder
+
+            text_encoder = create_text_encoder(args.cache_text, weights=args.text_encoder_weights).to(
+                _device()
+            )
+        elif args.text_encoder_weights:
+            raise ValueError("--text-encoder-weights is for --cache-text ENCODER, which is not given")
         result = build_shards(
             args.source,
             args.output,
@@ -95,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
             shard_size=args.shard_size,
             workers=args.workers,
             labels_file=args.labels,
+            captions_file=args.captions,
+            text_encoder=text_encoder,
             prefix=args.prefix,
             shuffle_seed=args.shuffle_seed,
             tokenizer=tokenizer,
@@ -102,8 +123,6 @@ def run(args: argparse.Namespace) -> int:
             latent_dtype=args.latent_dtype,
             cache_flipped_features=args.cache_flipped_features,
             encode_batch_size=args.encode_batch_size,
-            on_estimate=lambda estimate, free: print(estimate.describe(free), flush=True),
-            ignore_disk_space=args.ignore_disk_space,
         )
         print(
             f"{result.num_samples} samples -> {args.output}/{result.pattern} "

@@ -1,11 +1,17 @@
 """`repa data build`: turn an image collection into resolution-fixed webdataset shards, once.
 
 Sources: an ImageNet-layout folder (one sub-folder per class), a flat folder plus a labels file
-(CSV or JSON, filename -> class), or existing webdataset tar shards (jpg/png/webp with cls or
-json, as img2dataset writes them). Every image is centre-cropped the ADM way
-(`center_crop_adm`, repa.data.images) and stored losslessly (PNG) with its class index and
-source key, optionally with cached VAE moments (of the image and of its mirror image) and
-encoder target tokens.
+(CSV or JSON, filename -> class), an image folder plus a COCO-style captions JSON, or existing
+webdataset tar shards (jpg/png/webp with cls or json labels, or txt/json captions, as img2dataset
+writes them). Every image is centre-cropped the ADM way (`center_crop_adm`, repa.data.images)
+and stored losslessly (PNG) with its class index and source key, optionally with cached VAE
+moments (of the image and of its mirror image) and encoder target tokens.
+
+Captioned sources keep every caption of an image (`captions.json`, a JSON list); the training
+stream draws one per sample. With a text encoder, each caption's token embeddings (fp16) and
+attention mask are cached too (`text.npy` (K, L, D), `text_mask.npy` (K, L) for K captions), and
+the embedding of the empty caption (the null caption for classifier-free guidance) is written
+once beside the manifest (`null_text.npy`, `null_text_mask.npy`).
 
 Guarantees:
 - Deterministic: samples are sorted by source key, permuted with a fixed seed (so every shard
@@ -20,7 +26,8 @@ Guarantees:
   shards i with i % world_size == r; the main process writes the manifest once all sidecars exist.
 
 The data package knows shards, not models: caching takes duck-typed objects,
-`tokenizer.encode_moments(uint8 (B,3,H,W)) -> (B,2C,h,w)` and `encoder(uint8 (B,3,H,W)) -> (B,T,D)`.
+`tokenizer.encode_moments(uint8 (B,3,H,W)) -> (B,2C,h,w)`, `encoder(uint8 (B,3,H,W)) -> (B,T,D)`
+and `text_encoder.encode(list of N str) -> (float (N,L,D), bool (N,L))` (repa.text).
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ import tarfile
 import time
 import warnings
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,13 +62,14 @@ TAR_IMAGE_SUFFIXES = ("png", "jpg", "jpeg", "webp")
 
 @dataclass(frozen=True)
 class SourceItem:
-    """One input image: where its bytes are and which class it belongs to."""
+    """One input image: where its bytes are, which class it belongs to, its captions."""
 
     key: str  # unique source key; shards are cut from the items sorted by it
     label: int
     path: str  # image file, or the tar shard holding it
     offset: int = -1  # for images inside a tar: byte offset and size of the member's data
     size: int = -1
+    captions: tuple[str, ...] = ()  # every caption of the image, in source order; () = none
 
 
 def read_item_bytes(item: SourceItem) -> bytes:
@@ -132,28 +140,84 @@ def list_labelled_folder(
     return items, class_names
 
 
-def _json_label(data: bytes) -> str | None:
-    record = json.loads(data)
+def list_coco_captions(
+    root: str | os.PathLike, captions_file: str | os.PathLike
+) -> tuple[list[SourceItem], list[str]]:
+    """An image folder plus a COCO-style captions JSON (`captions_train2014.json`):
+    {"images": [{"id", "file_name"}, ...], "annotations": [{"image_id", "caption", "id"}, ...]}.
+
+    Every image the JSON lists must exist under `root` and have at least one caption; its
+    captions are kept in annotation-id order. There are no classes: every label is 0.
+    """
+    with open(captions_file) as handle:
+        table = json.load(handle)
+    if not isinstance(table, dict) or "images" not in table or "annotations" not in table:
+        raise ValueError(f"{captions_file}: expected a COCO captions JSON with 'images' and 'annotations'")
+    files = {image["id"]: str(image["file_name"]) for image in table["images"]}
+    captions: dict[Any, list[tuple[Any, str]]] = {image_id: [] for image_id in files}
+    for position, note in enumerate(table["annotations"]):
+        if note.get("image_id") not in files:
+            raise ValueError(
+                f"{captions_file}: annotation {note.get('id')} names unknown image {note.get('image_id')}"
+            )
+        captions[note["image_id"]].append((note.get("id", position), str(note["caption"]).strip()))
+    uncaptioned = [files[i] for i, found in captions.items() if not found]
+    if uncaptioned:
+        raise ValueError(
+            f"{captions_file}: {len(uncaptioned)} images without a caption, e.g. {uncaptioned[:3]}"
+        )
+    missing = [name for name in files.values() if not os.path.isfile(os.path.join(root, name))]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} captioned images missing under {root}, e.g. {missing[:3]}")
+    items = [
+        SourceItem(name, 0, os.path.join(root, name), captions=tuple(text for _, text in sorted(captions[i])))
+        for i, name in files.items()
+    ]
+    return items, ["0"]
+
+
+def _json_label(record: Any) -> str | None:
     for field_name in ("cls", "label", "class", "class_index"):
         if isinstance(record, dict) and record.get(field_name) is not None:
             return str(record[field_name])
     return None
 
 
-def list_tar_shards(shards: str | Sequence[str]) -> tuple[list[SourceItem], list[str]]:
-    """Existing local webdataset shards (img2dataset style): an image member plus `cls` or `json`.
+def _json_captions(record: Any) -> dict[str, list[str]]:
+    """img2dataset's json: a "caption" string; other tools write a "captions" list."""
+    if not isinstance(record, dict):
+        return {}
+    listed, single = record.get("captions"), record.get("caption")
+    found = {}
+    if isinstance(listed, list):
+        found["json_list"] = [str(text).strip() for text in listed if str(text).strip()]
+    if isinstance(single, str) and single.strip():
+        found["json_caption"] = [single.strip()]
+    return found
 
+
+def list_tar_shards(shards: str | Sequence[str]) -> tuple[list[SourceItem], list[str]]:
+    """Existing local webdataset shards (img2dataset style): an image member plus `cls` or `json`
+    labels, and/or captions.
+
+    Captions come from repa's `captions.json` (a list), else a json member's "captions" list,
+    else the `txt` member (one caption per line), else a json member's "caption". Captioned
+    shards may lack classes altogether (every label is then 0); otherwise every image needs a
+    class, and if any image has a caption every image needs one.
     Only the headers are read here (members are located by byte offset and read later), apart from
-    the small cls/json members.
+    the small cls/json/txt members. Captions are kept when every image has one; otherwise the
+    source is read as class-labelled and they are dropped.
     """
     urls = fmt.expand_shard_urls(shards)
-    items_raw: list[tuple[str, str, int, int]] = []
-    raw_labels: list[str] = []
+    items_raw: list[tuple[str, str, int, int, tuple[str, ...]]] = []
+    raw_labels: list[str | None] = []
     for url in urls:
         if fmt.is_remote(url):
             raise ValueError(f"{url}: building from remote shards is not supported; copy them locally first")
         images: dict[str, tuple[int, int]] = {}
         labels: dict[str, str] = {}
+        # key -> captions by source, in the order of preference
+        captions: dict[str, dict[str, list[str]]] = {}
         with tarfile.open(url, "r:") as archive:
             for member in archive:
                 if not member.isreg() or "." not in os.path.basename(member.name):
@@ -166,41 +230,67 @@ def list_tar_shards(shards: str | Sequence[str]) -> tuple[list[SourceItem], list
                     images[key] = (member.offset_data, member.size)
                 elif suffix == "cls":
                     labels[key] = archive.extractfile(member).read().decode().strip()
-                elif suffix == "json" and key not in labels:
-                    label = _json_label(archive.extractfile(member).read())
-                    if label is not None:
+                elif suffix == "json":
+                    record = json.loads(archive.extractfile(member).read())
+                    label = _json_label(record)
+                    if label is not None and key not in labels:
                         labels[key] = label
+                    captions.setdefault(key, {}).update(_json_captions(record))
+                elif suffix == "txt":
+                    lines = archive.extractfile(member).read().decode().splitlines()
+                    captions.setdefault(key, {})["txt"] = [line.strip() for line in lines if line.strip()]
+                elif suffix == fmt.CAPTIONS:
+                    listed = json.loads(archive.extractfile(member).read())
+                    captions.setdefault(key, {})["repa"] = [str(text) for text in listed]
         shard_base = os.path.basename(url)
         for key, (offset, size) in images.items():
-            if key not in labels:
-                raise ValueError(
-                    f"{url}: sample {key} has an image but no class (.cls, or json 'label'/'cls')"
-                )
-            items_raw.append((f"{shard_base}/{key}", url, offset, size))
-            raw_labels.append(labels[key])
+            found = captions.get(key, {})
+            preference = ("repa", "json_list", "txt", "json_caption")
+            chosen = next((found[k] for k in preference if found.get(k)), [])
+            items_raw.append((f"{shard_base}/{key}", url, offset, size, tuple(chosen)))
+            raw_labels.append(labels.get(key))
+    captioned = all(raw[4] for raw in items_raw)
+    if captioned and all(label is None for label in raw_labels):
+        raw_labels = ["0"] * len(raw_labels)  # captions, no classes
+    elif not captioned:  # a class-labelled source: captions of only some images are dropped
+        items_raw = [(*raw[:4], ()) for raw in items_raw]
+    unlabelled = [raw[0] for raw, label in zip(items_raw, raw_labels) if label is None]
+    if unlabelled:
+        raise ValueError(
+            f"sample {unlabelled[0]} has an image but no class (.cls, or json 'label'/'cls') "
+            f"and no caption ({len(unlabelled)} such)"
+        )
     indices, class_names = _label_indices(raw_labels)
     # Keep class names from a repa manifest beside the input shards when there is one.
     manifest_path = fmt.locate_manifest(urls[0]) if urls else None
     if manifest_path and os.path.exists(manifest_path):
         class_names = fmt.read_manifest(manifest_path)["class_names"]
     items = [
-        SourceItem(key, label, path, offset, size)
-        for (key, path, offset, size), label in zip(items_raw, indices)
+        SourceItem(key, label, path, offset, size, texts)
+        for (key, path, offset, size, texts), label in zip(items_raw, indices)
     ]
     return items, class_names
 
 
 def list_source(
-    source: str, labels_file: str | None = None, shuffle_seed: int | None = 0
+    source: str,
+    labels_file: str | None = None,
+    shuffle_seed: int | None = 0,
+    captions_file: str | None = None,
 ) -> tuple[list[SourceItem], list[str]]:
     """Dispatch on the source kind; returns the items in shard order and the class names.
 
     The order is the items sorted by source key, then permuted with `shuffle_seed`: deterministic
     (the same keys give the same shards), yet every shard mixes all classes, which a streaming
     reader's shuffle buffer (spanning a shard or two) cannot do for class-sorted shards.
-    `shuffle_seed=None` keeps the sorted order.
+    `shuffle_seed=None` keeps the sorted order. `captions_file`: a COCO-style captions JSON for
+    the image folder `source`.
     """
-    if labels_file is not None:
+    if labels_file is not None and captions_file is not None:
+        raise ValueError("--labels and --captions are two kinds of source: give one")
+    if captions_file is not None:
+        items, class_names = list_coco_captions(source, captions_file)
+    elif labels_file is not None:
         items, class_names = list_labelled_folder(source, labels_file)
     elif os.path.isdir(source) and not any(name.endswith(".tar") for name in os.listdir(source)):
         items, class_names = list_image_folder(source)
@@ -307,6 +397,26 @@ def _run_batched(model: Any, fn: Any, images: np.ndarray, batch_size: int, dtype
     return np.concatenate(outputs)
 
 
+def encode_captions(
+    text_encoder: Any, captions: Sequence[str], batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """captions (N) -> token embeddings float16 (N, L, D) and attention mask bool (N, L)."""
+    embeddings, masks = [], []
+    for start in range(0, len(captions), batch_size):
+        batch_embeddings, batch_mask = text_encoder.encode(list(captions[start : start + batch_size]))
+        embeddings.append(np.asarray(batch_embeddings.float().cpu().numpy(), dtype=np.float16))
+        masks.append(np.asarray(batch_mask.cpu().numpy(), dtype=bool))
+    return np.concatenate(embeddings), np.concatenate(masks)
+
+
+def _write_null_text(output_dir: Path, text_encoder: Any) -> None:
+    """The empty caption's embedding and mask: the null caption of classifier-free guidance
+    (REPA's choice, its `empty_context.npy`), so training never runs the text encoder."""
+    embeddings, mask = encode_captions(text_encoder, [""], 1)
+    write_bytes_atomic(output_dir / fmt.NULL_TEXT, fmt.npy_bytes(embeddings[0]))  # (L, D) float16
+    write_bytes_atomic(output_dir / fmt.NULL_TEXT_MASK, fmt.npy_bytes(mask[0]))  # (L,) bool
+
+
 def _model_name(model: Any) -> str | None:
     return None if model is None else str(getattr(model, "name", type(model).__name__))
 
@@ -327,18 +437,17 @@ def build_shards(
     encode_batch_size: int = 64,
     shuffle_seed: int | None = 0,
     wait_timeout_s: float = 24 * 3600.0,
-    on_estimate: Callable[..., None] | None = None,
-    ignore_disk_space: bool = False,
+    captions_file: str | None = None,
+    text_encoder: Any = None,
 ) -> BuildResult:
     """Build (or resume building) shards of `source` in `output_dir`; see the module docstring.
 
     `tokenizer` (with `encode_moments`) adds `latent.npy` and `latent_flip.npy`; `encoder`
     (callable) adds `features.npy` (fp16), and `features_flip.npy` with `cache_flipped_features`.
+    `captions_file`: a COCO-style captions JSON for the image folder `source` (captioned tar
+    shards carry their own). `text_encoder` (with `encode`, repa.text) adds `text.npy` and
+    `text_mask.npy` per image and the null caption's beside the manifest.
     `workers` processes read, crop and PNG-encode images (0 or 1: in this process).
-    Before anything is written, the output's size is estimated per component and given to
-    `on_estimate(estimate, free bytes)` on the main process; a build whose missing shards would not
-    fit in the free space raises InsufficientDiskSpaceError unless `ignore_disk_space`
-    (repa.data.estimate).
     """
     if resolution <= 0 or shard_size <= 0 or encode_batch_size <= 0:
         raise ValueError(
@@ -353,7 +462,16 @@ def build_shards(
         raise TypeError("tokenizer must have encode_moments(uint8 (B,3,H,W)) -> (B,2C,h,w)")
     if encoder is not None and not callable(encoder):
         raise TypeError("encoder must be callable: encoder(uint8 (B,3,H,W)) -> (B,T,D)")
-    items, class_names = list_source(source, labels_file, shuffle_seed)  # a bad source creates nothing
+    if text_encoder is not None and not callable(getattr(text_encoder, "encode", None)):
+        raise TypeError("text_encoder must have encode(list of N str) -> ((N,L,D), (N,L) mask)")
+    # a bad source creates nothing
+    items, class_names = list_source(source, labels_file, shuffle_seed, captions_file)
+    captioned = bool(items[0].captions)
+    if text_encoder is not None and not captioned:
+        raise ValueError(
+            f"{source}: --cache-text needs captions (--captions FILE.json for an image folder, or "
+            "tar shards with a txt/json caption for every image), and this source has none"
+        )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     num_shards = (len(items) + shard_size - 1) // shard_size
@@ -371,16 +489,21 @@ def build_shards(
         "cache_features": _model_name(encoder),
         "cache_flipped_features": bool(encoder is not None and cache_flipped_features),
     }
+    if captioned:  # only then: fingerprints of uncaptioned builds stay as they were
+        options.update(captions_file=captions_file, captions=True, cache_text=_model_name(text_encoder))
+        if text_encoder is not None:
+            options["text_max_length"] = int(text_encoder.max_length)
     # What a shard's bytes depend on (not the worker count or the source path).
-    content_options = {k: v for k, v in options.items() if k not in ("source", "labels_file")}
+    content_options = {
+        k: v for k, v in options.items() if k not in ("source", "labels_file", "captions_file")
+    }
 
     result = BuildResult(None, fmt.brace_pattern(prefix, num_shards), len(items))
     pending: list[tuple[int, list[SourceItem], str]] = []
     for index in range(rank, num_shards, world_size):
         shard_items = items[index * shard_size : (index + 1) * shard_size]
-        fingerprint = hashlib.sha256(
-            json.dumps([content_options, [(it.key, it.label) for it in shard_items]]).encode()
-        ).hexdigest()
+        described = [(it.key, it.label, *([list(it.captions)] if captioned else [])) for it in shard_items]
+        fingerprint = hashlib.sha256(json.dumps([content_options, described]).encode()).hexdigest()
         name = fmt.shard_name(prefix, index)
         # Left by an interrupted run of this rank; `NAME.tmp-PID` is what builds wrote before
         # the shared atomic-write helper, whose names are hidden.
@@ -392,13 +515,6 @@ def build_shards(
         else:
             pending.append((index, shard_items, fingerprint))
 
-    from repa.data.estimate import check_disk_space
-
-    check_disk_space(
-        items, output_dir, prefix, shard_size=shard_size, report=on_estimate if rank == 0 else None,
-        ignore=ignore_disk_space, resolution=resolution, tokenizer=tokenizer, encoder=encoder,
-        latent_dtype=latent_dtype, cache_flipped_features=cache_flipped_features,
-    )  # fmt: skip
     if pending:
         need_pixels = tokenizer is not None or encoder is not None
         pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
@@ -422,6 +538,7 @@ def build_shards(
                     output_dir, prefix, index, shard_items, samples, fingerprint,
                     tokenizer=tokenizer, encoder=encoder, latent_dtype=latent_dtype,
                     cache_flipped_features=cache_flipped_features, encode_batch_size=encode_batch_size,
+                    text_encoder=text_encoder,
                 )  # fmt: skip
                 result.shards_written.append(fmt.shard_name(prefix, index))
         finally:
@@ -431,6 +548,8 @@ def build_shards(
     if state is not None and state.num_processes > 1 and state.use_distributed:
         state.wait_for_everyone()
     if rank == 0:
+        if text_encoder is not None:
+            _write_null_text(output_dir, text_encoder)
         result.manifest_path = _write_manifest(
             output_dir, prefix, num_shards, class_names, options, wait_timeout_s=wait_timeout_s
         )
@@ -474,9 +593,17 @@ def _write_shard(
     latent_dtype: str,
     cache_flipped_features: bool,
     encode_batch_size: int,
+    text_encoder: Any = None,
 ) -> None:
     """Encode (optional caches) and write one shard under a temporary name, then rename it."""
     caches: dict[str, np.ndarray] = {}
+    # per item: its captions' embeddings float16 (K, L, D) and masks bool (K, L)
+    text_rows: list[tuple[np.ndarray, np.ndarray]] = []
+    if text_encoder is not None:
+        flat = [caption for item in items for caption in item.captions]
+        embeddings, masks = encode_captions(text_encoder, flat, encode_batch_size)
+        bounds = np.cumsum([0, *(len(item.captions) for item in items)])
+        text_rows = [(embeddings[a:b], masks[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
     if tokenizer is not None or encoder is not None:
         images = np.stack([pixels for _, pixels in samples])  # (N, R, R, 3) uint8
     if tokenizer is not None:
@@ -501,8 +628,13 @@ def _write_shard(
                 _add_member(archive, f"{base}.{fmt.IMAGE}", png)
                 _add_member(archive, f"{base}.{fmt.LABEL}", str(item.label).encode())
                 _add_member(archive, f"{base}.{fmt.SOURCE_KEY}", item.key.encode())
+                if item.captions:
+                    _add_member(archive, f"{base}.{fmt.CAPTIONS}", json.dumps(list(item.captions)).encode())
                 for suffix, values in caches.items():
                     _add_member(archive, f"{base}.{suffix}", fmt.npy_bytes(values[position]))
+                if text_rows:
+                    _add_member(archive, f"{base}.{fmt.TEXT}", fmt.npy_bytes(text_rows[position][0]))
+                    _add_member(archive, f"{base}.{fmt.TEXT_MASK}", fmt.npy_bytes(text_rows[position][1]))
     _write_json_atomic(
         _sidecar_path(output_dir, name),
         {
@@ -514,7 +646,11 @@ def _write_shard(
             "counts_per_class": {str(label): counts[label] for label in sorted(counts)},
             "first_key": items[0].key,
             "last_key": items[-1].key,
-            "shapes": {suffix: list(values.shape[1:]) for suffix, values in caches.items()},
+            "shapes": {
+                **{suffix: list(values.shape[1:]) for suffix, values in caches.items()},
+                **({fmt.TEXT: list(text_rows[0][0].shape[1:])} if text_rows else {}),  # per caption (L, D)
+            },
+            **({"num_captions": sum(len(item.captions) for item in items)} if items[0].captions else {}),
         },
     )
 
@@ -551,6 +687,14 @@ def _write_manifest(
         fields["features"] = fmt.FEATURES
         if options["cache_flipped_features"]:
             fields["features_flipped"] = fmt.FEATURES_FLIP
+    captions = {}
+    if options.get("captions"):
+        fields["captions"] = fmt.CAPTIONS
+        captions["num_captions"] = sum(record["num_captions"] for record in records)
+    if options.get("cache_text"):
+        fields.update(text=fmt.TEXT, text_mask=fmt.TEXT_MASK)
+        captions["text_shape"] = shapes.get(fmt.TEXT)  # per caption (L, D)
+        captions["null_text"] = {"embeddings": fmt.NULL_TEXT, "mask": fmt.NULL_TEXT_MASK}
     manifest = {
         "format": fmt.MANIFEST_FORMAT,
         "pattern": fmt.brace_pattern(prefix, num_shards),
@@ -563,6 +707,7 @@ def _write_manifest(
         "fields": fields,
         "latent_shape": shapes.get(fmt.LATENTS),
         "feature_shape": shapes.get(fmt.FEATURES),
+        **captions,
         "options": options,
         "shards": [
             {key: record[key] for key in ("name", "num_samples", "sha256", "bytes", "counts_per_class")}

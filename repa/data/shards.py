@@ -10,6 +10,12 @@ group of tar members with the same basename (the webdataset convention):
     000000042.latent_flip.npy  optional: the same for the horizontally flipped image
     000000042.features.npy     optional: encoder target tokens (T, D), float16
     000000042.features_flip.npy  optional: the same for the flipped image
+    000000042.captions.json    optional: every caption of the image, a JSON list of K strings
+    000000042.text.npy         optional: the captions' text-encoder token embeddings (K, L, D), float16
+    000000042.text_mask.npy    optional: their attention masks (K, L), bool (True: a caption token)
+
+With cached text, the folder also holds the empty caption's embedding and mask (the null caption
+for classifier-free guidance): `null_text.npy` (L, D) float16 and `null_text_mask.npy` (L,) bool.
 
 Shard URLs may be local paths, brace patterns (`shards/train-{000000..000012}.tar`), a folder
 holding a manifest, `pipe:COMMAND` (webdataset's convention) or any URL fsspec can open
@@ -36,6 +42,11 @@ LATENTS = "latent.npy"
 LATENTS_FLIP = "latent_flip.npy"
 FEATURES = "features.npy"
 FEATURES_FLIP = "features_flip.npy"
+CAPTIONS = "captions.json"
+TEXT = "text.npy"
+TEXT_MASK = "text_mask.npy"
+NULL_TEXT = "null_text.npy"
+NULL_TEXT_MASK = "null_text_mask.npy"
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "repa-shards/1"
 
@@ -95,6 +106,24 @@ def read_manifest(path: str) -> dict[str, Any]:
     if manifest.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{path} is not a repa shard manifest (format {manifest.get('format')!r})")
     return manifest
+
+
+def read_null_text(shards: str) -> tuple[Any, Any]:
+    """The null caption stored beside a manifest by `repa data build --cache-text`: the empty
+    caption's embeddings (L, D) float16 and mask (L,) bool."""
+    manifest_path = locate_manifest(shards)
+    manifest = read_manifest(manifest_path) if manifest_path else {}
+    names = manifest.get("null_text")
+    if not names:
+        raise FileNotFoundError(
+            f"{shards}: no cached null caption; rebuild with `repa data build --cache-text NAME`"
+        )
+    folder = manifest_path.rsplit("/", 1)[0] if "/" in manifest_path else "."
+    arrays = []
+    for name in (names["embeddings"], names["mask"]):
+        with open_url(f"{folder}/{name}") as handle:
+            arrays.append(load_npy(handle.read()))
+    return arrays[0], arrays[1]
 
 
 def expand_shard_urls(shards: str | Sequence[str]) -> list[str]:

@@ -54,7 +54,9 @@ Use in a training loop (the loop saves `stream.state_dict()` with its checkpoint
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import multiprocessing
 import os
 import random
@@ -80,8 +82,10 @@ class StreamError(RuntimeError):
 
 # The batch fields a stream can be asked for (`make_train_stream(fields=...)`); labels and keys
 # are always read. "latents": the cached tokenizer moments (of the flipped image where flipped);
-# "features": the cached encoder tokens.
-FIELDS = ("images", "latents", "features")
+# "features": the cached encoder tokens; "text": the cached token embeddings and mask of one of
+# the image's captions; "captions": that caption's text. Text and caption are drawn together
+# (`caption_index`).
+FIELDS = ("images", "latents", "features", "text", "captions")
 
 
 @dataclass
@@ -100,6 +104,9 @@ class Batch:
     flipped: torch.Tensor  # bool (B,)
     worker: int = 0  # global id (rank * num_workers + worker) of the data-loader worker that made it
     skipped: int = 0  # samples/shards that worker has skipped so far (cumulative)
+    text: torch.Tensor | None = None  # float16 (B, L, D): cached token embeddings of the drawn caption
+    text_mask: torch.Tensor | None = None  # bool (B, L): True on the drawn caption's tokens
+    captions: list[str] | None = None  # the drawn captions, when asked for
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -114,6 +121,9 @@ class Batch:
             flipped=fn(self.flipped),
             worker=self.worker,
             skipped=self.skipped,
+            text=None if self.text is None else fn(self.text),
+            text_mask=None if self.text_mask is None else fn(self.text_mask),
+            captions=self.captions,
         )
 
     def pin_memory(self) -> Batch:
@@ -147,6 +157,43 @@ def parse_label(data: bytes, num_classes: int | None = None) -> int:
     return label
 
 
+def caption_index(num_captions: int, key: str, entropy: Sequence[int] | None) -> int:
+    """Which of a sample's captions to use: seeded by `entropy` (the training stream passes
+    (seed, resume point, pass over the worker's shards): the epoch) and the sample's source key,
+    so the draw does not depend on the shuffle order, the worker or the rank that reads the
+    sample, and changes from one pass to the next. None: the first caption (evaluation)."""
+    if entropy is None:
+        return 0
+    key_hash = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+    state = np.random.SeedSequence([*entropy, key_hash]).generate_state(1, np.uint64)[0]
+    return int(state % num_captions)
+
+
+def _decode_caption(
+    sample: dict[str, Any], key: str, with_text: bool, with_captions: bool, entropy: Sequence[int] | None
+) -> tuple[Any, Any, str | None]:
+    """(embeddings (L, D), mask (L,), caption) of the drawn caption; those not asked for are None."""
+    captions = embeddings = masks = None
+    if with_captions:
+        captions = json.loads(_require(sample, fmt.CAPTIONS))
+        if not isinstance(captions, list) or not captions:
+            raise ValueError(f"sample {key}: {fmt.CAPTIONS} holds no captions")
+    if with_text:
+        embeddings = fmt.load_npy(_require(sample, fmt.TEXT))  # (K, L, D)
+        masks = fmt.load_npy(_require(sample, fmt.TEXT_MASK))  # (K, L)
+        if embeddings.ndim != 3 or masks.shape != embeddings.shape[:2] or not len(embeddings):
+            raise ValueError(f"sample {key}: text {embeddings.shape} and mask {masks.shape} disagree")
+    count = len(embeddings) if embeddings is not None else len(captions)
+    if captions is not None and len(captions) != count:
+        raise ValueError(f"sample {key}: {len(captions)} captions but {count} cached embeddings")
+    index = caption_index(count, key, entropy)
+    return (
+        None if embeddings is None else embeddings[index],
+        None if masks is None else masks[index],
+        None if captions is None else str(captions[index]),
+    )
+
+
 def decode_sample(
     sample: dict[str, Any],
     *,
@@ -155,8 +202,12 @@ def decode_sample(
     with_features: bool,
     num_classes: int | None = None,
     with_images: bool = True,
+    with_text: bool = False,
+    with_captions: bool = False,
+    caption_entropy: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """Raw tar sample -> {image (H,W,3) uint8, label, moments, features, key, flipped}.
+    """Raw tar sample -> {image (H,W,3) uint8, label, moments, features, text (L,D), text_mask
+    (L,), caption, key, flipped}; `caption_entropy` seeds the caption drawn (`caption_index`).
 
     A field not asked for is None and its member is not read (a deferred PNG stays in the file),
     so a sample whose PNG is damaged or missing is good for a step that reads only its caches."""
@@ -170,7 +221,30 @@ def decode_sample(
         moments = fmt.load_npy(_require(sample, fmt.LATENTS_FLIP if flip else fmt.LATENTS))
     if with_features:
         features = fmt.load_npy(_require(sample, fmt.FEATURES_FLIP if flip else fmt.FEATURES))
-    return dict(image=image, label=label, moments=moments, features=features, key=key, flipped=flip)
+    text = text_mask = caption = None
+    if with_text or with_captions:
+        text, text_mask, caption = _decode_caption(sample, key, with_text, with_captions, caption_entropy)
+    return dict(
+        image=image,
+        label=label,
+        moments=moments,
+        features=features,
+        text=text,
+        text_mask=text_mask,
+        caption=caption,
+        key=key,
+        flipped=flip,
+    )
+
+
+# The decoded arrays a batch holds, and their dtypes in the batch.
+_ARRAY_FIELDS = (
+    ("image", torch.uint8),
+    ("moments", torch.float32),
+    ("features", torch.float16),
+    ("text", torch.float16),
+    ("text_mask", torch.bool),
+)
 
 
 class BatchBuilder:
@@ -185,19 +259,21 @@ class BatchBuilder:
 
     def __init__(self, capacity: int, first: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None):
         self.capacity = capacity
-        # images (B, H, W, 3) uint8, moments (B, 2C, h, w) float32, features (B, T, D) float16
+        # images (B, H, W, 3) uint8, moments (B, 2C, h, w) float32, features (B, T, D) float16,
+        # text (B, L, D) float16, text_mask (B, L) bool
         self.tensors = tensors if tensors is not None else self.allocate(capacity, first)
         self.arrays = {name: tensor.numpy() for name, tensor in self.tensors.items()}  # same memory
         self.row_shapes = {name: rows.shape[1:] for name, rows in self.arrays.items()}
         self.labels: list[int] = []
         self.keys: list[str] = []
         self.flipped: list[bool] = []
+        self.captions: list[str] | None = [] if first.get("caption") is not None else None
 
     @staticmethod
     def allocate(capacity: int, first: dict[str, Any], share: bool = False) -> dict[str, torch.Tensor]:
         tensors = {}
-        for name, dtype in (("image", torch.uint8), ("moments", torch.float32), ("features", torch.float16)):
-            if first[name] is not None:
+        for name, dtype in _ARRAY_FIELDS:
+            if first.get(name) is not None:
                 tensor = torch.empty((capacity, *first[name].shape), dtype=dtype)
                 tensors[name] = tensor.share_memory_() if share else tensor
         return tensors
@@ -213,6 +289,10 @@ class BatchBuilder:
             raise ValueError(problem or f"sample {decoded['key']}: no {missing[0]}, which this batch holds")
         for name, rows in self.arrays.items():
             rows[row] = decoded[name]  # numpy casts float16/float32 as needed
+        if self.captions is not None:
+            if decoded["caption"] is None:
+                raise ValueError(f"sample {decoded['key']}: no caption, which this batch holds")
+            self.captions.append(decoded["caption"])
         self.labels.append(decoded["label"])
         self.keys.append(decoded["key"])
         self.flipped.append(decoded["flipped"])
@@ -230,6 +310,9 @@ class BatchBuilder:
             flipped=torch.tensor(self.flipped, dtype=torch.bool),
             worker=worker,
             skipped=skipped,
+            text=tensors.get("text"),
+            text_mask=tensors.get("text_mask"),
+            captions=self.captions,
         )
 
 
@@ -273,6 +356,7 @@ class _SlotMessage:
     flipped: list[bool]
     worker: int
     skipped: int
+    captions: list[str] | None = None
 
 
 class _SlotRing:
@@ -330,13 +414,14 @@ class _SlotRing:
             flipped=builder.flipped,
             worker=worker,
             skipped=skipped,
+            captions=builder.captions,
         )
 
 
 def _shape_problem(decoded: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> str | None:
     """None if the sample's arrays have the expected shapes (recording those not yet known)."""
-    for name in ("image", "moments", "features"):
-        array = decoded[name]
+    for name, _ in _ARRAY_FIELDS:
+        array = decoded.get(name)
         if array is None:
             continue
         expected = shapes.setdefault(name, tuple(array.shape))
@@ -362,13 +447,15 @@ class ShardStream(IterableDataset):
         with_latents: bool,
         with_features: bool,
         with_images: bool = True,
+        with_text: bool = False,
+        with_captions: bool = False,
     ):
         super().__init__()
         self.urls = list(urls)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.resume_batches, self.shuffle_buffer = seed, resume_batches, shuffle_buffer
         self.flip, self.with_latents, self.with_features = flip, with_latents, with_features
-        self.with_images = with_images
+        self.with_images, self.with_text, self.with_captions = with_images, with_text, with_captions
         self.skipped = 0  # per-worker counters (each worker process holds its own copy)
         self._raw_in_last_pass = 0
         self._consecutive_failures = 0
@@ -384,8 +471,8 @@ class ShardStream(IterableDataset):
         self.num_classes: int | None = None  # from the manifest: labels outside it are corrupt
         self._short_shards_warned: set[str] = set()
 
-    def _fields(self) -> tuple[bool, bool, bool]:
-        return self.with_images, self.with_latents, self.with_features
+    def _fields(self) -> tuple[bool, ...]:  # in the order of FIELDS
+        return self.with_images, self.with_latents, self.with_features, self.with_text, self.with_captions
 
     def _skip(self, exn: Exception, where: str = "") -> bool:
         """webdataset-style handler: warn, count, continue. `where`: the sample, when known (tar
@@ -417,7 +504,7 @@ class ShardStream(IterableDataset):
 
     def _raw_samples(self, shards: list[str], rng: random.Random) -> Iterator[dict[str, Any]]:
         """Endless: each pass reads this worker's shards in a fresh seeded order."""
-        while True:
+        for pass_index in itertools.count():
             order = shards[:]
             rng.shuffle(order)
             raw_in_pass = 0
@@ -425,6 +512,7 @@ class ShardStream(IterableDataset):
                 read, skipped_before = 0, self.skipped
                 for sample in fmt.iter_tar_samples(url, handler=self._skip, defer_over=self.defer_over):
                     read += 1
+                    sample["__pass__"] = pass_index  # the epoch, for the caption draw
                     yield sample
                 raw_in_pass += read
                 self._count_shortfall(url, read, self.skipped - skipped_before)
@@ -458,6 +546,9 @@ class ShardStream(IterableDataset):
                     with_features=self.with_features,
                     num_classes=self.num_classes,
                     with_images=self.with_images,
+                    with_text=self.with_text,
+                    with_captions=self.with_captions,
+                    caption_entropy=(self.seed, self.resume_batches, sample["__pass__"]),
                 )
             except Exception as exn:  # noqa: BLE001 (a corrupt sample must not kill the loader)
                 self._skip(exn, where=f"sample {sample.get('__key__')} of {sample.get('__url__')}")
@@ -682,11 +773,20 @@ class TrainStream:
             flipped=flipped,
             worker=message.worker,
             skipped=message.skipped,
+            text=copies.get("text"),
+            text_mask=copies.get("text_mask"),
+            captions=message.captions,
         )
 
 
 def _check_manifest(
-    shards: str | Sequence[str], *, flip: bool, with_latents: bool, with_features: bool
+    shards: str | Sequence[str],
+    *,
+    flip: bool,
+    with_latents: bool,
+    with_features: bool,
+    with_text: bool = False,
+    with_captions: bool = False,
 ) -> tuple[dict[str, tuple[int, ...]], dict[str, int], int | None]:
     """Fail at start-up when the manifest says the shards lack a requested cache; return the
     shapes it records for images, moments and features, each shard's sample count by file
@@ -712,12 +812,23 @@ def _check_manifest(
             f"{shards}: flip=True needs features of the flipped images; rebuild with "
             "`--cache-flipped-features` or train without flips"
         )
+    if with_captions and "captions" not in fields:
+        raise StreamError(
+            f"{shards}: no captions; build from captioned data (`repa data build --captions FILE.json`, "
+            "or tar shards with txt/json captions)"
+        )
+    if with_text and "text" not in fields:
+        raise StreamError(
+            f"{shards}: no cached text embeddings; rebuild with `repa data build --cache-text NAME`"
+        )
     shapes = {}
     if isinstance(manifest.get("resolution"), int):
         shapes["image"] = (manifest["resolution"], manifest["resolution"], 3)
-    for name, key in (("moments", "latent_shape"), ("features", "feature_shape")):
+    for name, key in (("moments", "latent_shape"), ("features", "feature_shape"), ("text", "text_shape")):
         if manifest.get(key):
             shapes[name] = tuple(manifest[key])
+    if "text" in shapes:
+        shapes["text_mask"] = shapes["text"][:1]
     counts = {
         entry["name"]: int(entry["num_samples"])
         for entry in manifest.get("shards") or []
@@ -747,8 +858,9 @@ def make_train_stream(
     """The training stream of one rank (global rank `rank` of `world_size`, nodes x processes).
 
     `shards`: a brace pattern, `::`-joined patterns, a list of URLs, a folder with a manifest.
-    `fields`: the batch fields to read, of `FIELDS` ("images", "latents", "features"; labels
-    and keys always come): what the training method's step reads (`TrainingMethod.batch_fields`).
+    `fields`: the batch fields to read, of `FIELDS` ("images", "latents", "features", "text",
+    "captions"; labels and keys always come): what the training method's step reads
+    (`TrainingMethod.batch_fields`).
     A field left out is None in every batch and its members are never read or decoded. None:
     images, plus latents and features as `with_latents` and `with_features` say (which must stay
     False when `fields` is given).
@@ -767,7 +879,7 @@ def make_train_stream(
     unknown = fields - set(FIELDS)
     if unknown:
         raise ValueError(f"unknown batch field(s) {sorted(unknown)}: the stream reads {', '.join(FIELDS)}")
-    with_images, with_latents, with_features = (name in fields for name in FIELDS)
+    with_images, with_latents, with_features, with_text, with_captions = (name in fields for name in FIELDS)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside [0, {world_size})")
     urls = fmt.expand_shard_urls(shards)
@@ -790,7 +902,12 @@ def make_train_stream(
         )
         num_workers = workers_that_fit
     shapes, counts, num_classes = _check_manifest(
-        shards, flip=flip, with_latents=with_latents, with_features=with_features
+        shards,
+        flip=flip,
+        with_latents=with_latents,
+        with_features=with_features,
+        with_text=with_text,
+        with_captions=with_captions,
     )
     dataset = ShardStream(
         urls,
@@ -804,6 +921,8 @@ def make_train_stream(
         with_latents=with_latents,
         with_features=with_features,
         with_images=with_images,
+        with_text=with_text,
+        with_captions=with_captions,
     )
     dataset.expected_shapes, dataset.expected_counts, dataset.num_classes = shapes, counts, num_classes
     if pin_memory is None:
@@ -830,8 +949,11 @@ def iter_eval_batches(
     rank: int = 0,
     world_size: int = 1,
     with_images: bool = True,
+    with_text: bool = False,
+    with_captions: bool = False,
 ) -> Iterator[Batch]:
-    """Every sample exactly once, in shard order (no resampling, shuffling or flipping).
+    """Every sample exactly once, in shard order (no resampling, shuffling or flipping); of a
+    captioned sample, its first caption (and that caption's cached text).
 
     For FID reference statistics and latent statistics. With several ranks, rank r reads shards
     r, r + world_size, ...; together they cover each sample once. Errors are raised, not skipped:
@@ -848,6 +970,8 @@ def iter_eval_batches(
                     with_latents=with_latents,
                     with_features=with_features,
                     with_images=with_images,
+                    with_text=with_text,
+                    with_captions=with_captions,
                 )
             )
             if len(pending) == batch_size:
