@@ -203,6 +203,45 @@ def test_two_ranks_share_eval_every_and_check_the_run_directory(shards, tmp_path
     assert ckpt.latest_checkpoint(run_dir / "checkpoints").name == "step-00000002"
 
 
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_saves_cleanly(shards, tmp_path):  # noqa: F811
+    """A scheduler's SIGTERM to the whole process group of `repa train` with a loader worker: the
+    worker ignores it, the main process saves a checkpoint at the step it stopped and exits 143,
+    and no loader error is raised."""
+    import signal
+    import time
+
+    import psutil
+
+    from tests.test_train import _train_command
+
+    command = _train_command(shards, tmp_path / "runs", tmp_path / "config.yaml", steps=200, ranks=1)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "stderr.log", "wb") as log:
+        process = subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True
+        )
+        run_dir = tmp_path / "runs" / "run"
+        deadline = time.time() + 120
+        while time.time() < deadline and process.poll() is None:
+            if (run_dir / "metrics.jsonl").is_file() and len(read_metrics(run_dir)) >= 3:
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, "the run ended before it could be signalled"
+        workers = psutil.Process(process.pid).children()
+        assert len(workers) == 1  # the loader worker, in the same process group
+        assert os.getpgid(workers[0].pid) == os.getpgid(process.pid) == process.pid
+        os.killpg(process.pid, signal.SIGTERM)
+        returncode = process.wait(timeout=60)
+    stderr = (tmp_path / "stderr.log").read_text(errors="replace")
+    assert returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "Traceback" not in stderr and "is killed by signal" not in stderr, stderr[-2000:]
+    stopped_at = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    assert stopped_at is not None and (stopped_at / "COMPLETE.json").is_file()
+    assert int(stopped_at.name.split("-")[1]) == max(record["step"] for record in read_metrics(run_dir))
+    assert not psutil.pid_exists(workers[0].pid) or workers[0].status() == psutil.STATUS_ZOMBIE
+
+
 def _written_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
