@@ -17,6 +17,8 @@ from torch import nn
 
 from repa.cli import build_parser
 from repa.config import config_from_args, load_preset
+from tests.test_train import encoder_file, shards  # noqa: F401 (fixtures)
+from tests.test_train_repae import repae_config, vae_file  # noqa: F401 (fixture)
 
 # ---- the flags, as each script's argparse declares them (names only; no leading --) ------------
 
@@ -48,7 +50,7 @@ BOOLEAN_OPTIONAL = {"fused-attn", "qk-norm", "legacy", "compile", "allow-tf32", 
 
 
 @pytest.fixture
-def shards(tmp_path):
+def manifest_shards(tmp_path):
     """A shard folder whose manifest says 1000 samples (what --epochs reads)."""
     folder = tmp_path / "shards"
     folder.mkdir()
@@ -168,10 +170,10 @@ TRAIN_CASES = [
 
 
 @pytest.mark.parametrize("flags, expected", TRAIN_CASES, ids=[" ".join(f) for f, _ in TRAIN_CASES])
-def test_train_flag(flags, expected, shards, loss_yaml):
+def test_train_flag(flags, expected, manifest_shards, loss_yaml):
     flags = [f.replace("LOSS_YAML", loss_yaml) for f in flags]
     if any(f.startswith("--epochs") for f in flags):
-        flags.append(f"--data={shards}")
+        flags.append(f"--data={manifest_shards}")
     if isinstance(expected, str):
         with pytest.raises(ValueError, match=expected):
             train_config(*flags)
@@ -205,17 +207,18 @@ def test_epochs_without_a_manifest_names_the_alternative(tmp_path):
         train_config("--epochs=10", f"--data={tmp_path}")
 
 
-def test_readme_commands(shards, loss_yaml):
+def test_readme_commands(manifest_shards, loss_yaml):
     """The training commands of REPA's and REPA-E's READMEs, pasted as they are."""
+    data = manifest_shards
     repa = train_config(*"""--report-to=wandb --allow-tf32 --mixed-precision=fp16 --seed=0 --path-type=linear
         --prediction=v --weighting=uniform --model=SiT-XL/2 --enc-type=dinov2-vit-b --proj-coeff=0.5
         --encoder-depth=8 --output-dir=exps --exp-name=linear-dinov2-b-enc8 --resolution=512""".split(),
-        f"--data-dir={shards}")  # fmt: skip
+        f"--data-dir={data}")  # fmt: skip
     assert (repa.method, repa.model.name, repa.data.resolution, repa.run.mixed_precision) == (
         "repa", "SiT-XL/2", 512, "fp16"
     )  # fmt: skip
     repae = train_config(*f"""--max-train-steps=400000 --report-to=wandb --allow-tf32 --mixed-precision=fp16
-        --seed=0 --data-dir={shards} --output-dir=exps --batch-size=256 --path-type=linear --prediction=v
+        --seed=0 --data-dir={data} --output-dir=exps --batch-size=256 --path-type=linear --prediction=v
         --weighting=uniform --model=SiT-XL/2 --checkpointing-steps=50000 --loss-cfg-path={loss_yaml}
         --vae=f8d4 --vae-ckpt=pretrained/sdvae/sdvae-f8d4.pt
         --disc-pretrained-ckpt=pretrained/sdvae/sdvae-f8d4-discriminator-ckpt.pt --enc-type=dinov2-vit-b
@@ -223,7 +226,7 @@ def test_readme_commands(shards, loss_yaml):
         --exp-name=sit-xl-dinov2-b-enc8-repae-sdvae-0.5-1.5-400k""".split())  # fmt: skip
     assert (repae.method, repae.tokenizer.tokenizer, repae.vae.vae_align_coeff) == ("repa-e", "f8d4", 1.5)
     ldm = train_config(*f"""--max-train-steps=4000000 --report-to=wandb --allow-tf32 --mixed-precision=fp16
-        --seed=0 --data-dir={shards} --batch-size=256 --path-type=linear --prediction=v --weighting=uniform
+        --seed=0 --data-dir={data} --batch-size=256 --path-type=linear --prediction=v --weighting=uniform
         --model=SiT-XL/1 --checkpointing-steps=50000 --vae=f16d32
         --vae-ckpt=pretrained/e2e-vavae/e2e-vavae-400k.pt --vae-latents-name=e2e-vavae
         --learning-rate=1e-4 --enc-type=dinov2-vit-b --proj-coeff=0.5 --encoder-depth=8 --output-dir=exps
@@ -572,3 +575,29 @@ def test_lpips_legacy_rescale_matches_the_published_formula():
         torch.testing.assert_close(legacy(x, y), lpips_by_hand(fixed, x, y, legacy=True))
         torch.testing.assert_close(fixed(x, y), lpips_by_hand(fixed, x, y, legacy=False))
         assert (legacy(x, y) - fixed(x, y)).abs().min() > 1e-4  # the option changes the value
+
+
+def test_repae_starts_from_the_pretrained_discriminator_with_its_bn_momentum(
+    shards,
+    encoder_file,
+    vae_file,
+    tmp_path,  # noqa: F811
+):
+    from repa.tokenizers.losses import NLayerDiscriminator
+    from repa.train.methods.base import MethodContext
+    from repa.train.methods.repae import REPAEMethod
+    from repa.train.setup import build_parts
+
+    config = repae_config(shards, encoder_file, vae_file, tmp_path)
+    torch.manual_seed(5)
+    pretrained = NLayerDiscriminator(num_layers=config.vae.disc_layers)
+    torch.save(pretrained.state_dict(), tmp_path / "discriminator.pt")
+    config.vae.disc_pretrained_ckpt = str(tmp_path / "discriminator.pt")
+    config.vae.bn_momentum = 0.25
+    torch.manual_seed(0)
+    tokenizer, encoders, model = build_parts(config, torch.device("cpu"), REPAEMethod.model_options)
+    method = REPAEMethod.build(MethodContext(config, tokenizer, encoders, model, torch.device("cpu")))
+    assert method.sit.bn.momentum == 0.25
+    loaded = method.vae_loss.discriminator.state_dict()
+    for key, value in pretrained.state_dict().items():
+        assert torch.equal(loaded[key], value), key
