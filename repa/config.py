@@ -159,6 +159,15 @@ class ModelOptions(_Section):
     grad_checkpointing: bool = option(
         False, "recompute each block's activations in the backward pass (less memory, same numbers)"
     )
+    tread_ratio: float = option(
+        0.0,
+        "TREAD token routing (training only): the fraction of tokens that skips blocks --tread-start.."
+        "--tread-end (0: off; published: 0.5); evaluation and sampling never route",
+    )
+    tread_start: int = option(2, "TREAD: first routed block, 0-based (TREAD's start_layer_idx)")
+    tread_end: int | None = option(
+        None, "TREAD: last routed block, 0-based, inclusive (default: depth - 4, e.g. 24 of XL's 28)"
+    )
     # Width overrides for small models (tests, the CPU demo); None keeps the registered size.
     hidden_size: int | None = option(None, "override the registered hidden size")
     depth: int | None = option(None, "override the registered number of blocks")
@@ -460,6 +469,9 @@ class ExperimentConfig:
             wo_shift=self.model.wo_shift,
             adaln=self.model.adaln,
             grad_checkpointing=self.model.grad_checkpointing,
+            tread_ratio=self.model.tread_ratio,
+            tread_start=self.model.tread_start,
+            tread_end=self.model.tread_end,
             projector_out_dims=list(projector_dims),
             in_channels=in_channels,
         )

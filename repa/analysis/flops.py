@@ -38,7 +38,7 @@ class ModelCost:
     resolution: int
     latent_size: int
     parameters: int
-    flops: int  # multiply-adds of one forward pass for one image
+    flops: int  # multiply-adds of one forward pass for one image (a training pass under TREAD)
     adaln_parameters: int  # parameters in adaLN modulation layers (blocks and final layer)
 
     @property
@@ -59,7 +59,10 @@ def model_cost(
     """Parameters and forward FLOPs of a registered diffusion model for images of `resolution`.
 
     The model is built on the meta device, so even XL sizes cost nothing to count. `overrides`
-    are SiTConfig fields (e.g. adaln="single", swiglu=True).
+    are SiTConfig fields (e.g. adaln="single", swiglu=True). With context_dim the pass
+    cross-attends to a full context of context_length tokens (PixArt's T5: 120). With
+    tread_ratio > 0 the count is of a training forward pass (train mode, routed); sampling runs
+    the plain network, whose count is the model's without TREAD.
     """
     from repa.models import create_model
 
@@ -72,7 +75,15 @@ def model_cost(
         model = create_model(name, input_size=latent_size, in_channels=latent_channels, **overrides).eval()
         latents = torch.zeros(1, latent_channels, latent_size, latent_size)
         t = torch.zeros(1)
-        labels = torch.zeros(1, dtype=torch.long)
-    flops = count_flops(model.velocity, latents, t, labels)
+        config = model.config
+        labels = torch.zeros(1, dtype=torch.long) if config.num_classes else None
+        condition = {}
+        if config.context_dim:
+            condition["context"] = torch.zeros(1, config.context_length, config.context_dim)
+    if config.tread_ratio > 0:
+        model.train()  # TREAD routes in training only
+        flops = count_flops(lambda: model(latents, t, labels, **condition))
+    else:
+        flops = count_flops(model.velocity, latents, t, labels, **condition)
     adaln = sum(p.numel() for module_name, p in model.named_parameters() if is_adaln_parameter(module_name))
     return ModelCost(name, resolution, latent_size, count_parameters(model), flops, adaln)

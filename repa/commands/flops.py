@@ -2,10 +2,12 @@
 
 NAME is a diffusion model (SiT-XL/2, DiT-B/4, LightningDiT-XL/1, ...) or a tokenizer
 (sd-vae-ft-mse, f16d32, ...); tokenizers are reported as their encoder and decoder halves.
-Model options (--adaln single, --swiglu, --rmsnorm, --rope, --qk-norm, --wo-shift) add a row per
-model with the options, under the row of the model as registered:
+Model options (--adaln single, --swiglu, --rmsnorm, --rope, --qk-norm, --wo-shift, --context-dim,
+--tread) add a row per model with the options, under the row of the model as registered:
 
     repa flops SiT-XL/2 --adaln single
+    repa flops SiT-XL/2 --tread 0.5            # a TREAD training pass, route 2 -> depth - 4
+    repa flops SiT-XL/2 --adaln single --context-dim 4096 --num-classes 0   # PixArt-style text model
 """
 
 from __future__ import annotations
@@ -45,6 +47,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         options.add_argument(
             flag, nargs="?", const=True, default=None, type=parse_bool, metavar="BOOL", help=help_text
         )
+    options.add_argument(
+        "--context-dim",
+        type=int,
+        default=None,
+        help="cross-attention to a context of this width (T5-XXL: 4096), counted at --context-length tokens",
+    )
+    options.add_argument(
+        "--context-length", type=int, default=None, help="context tokens (default 120, PixArt's T5 captions)"
+    )
+    options.add_argument(
+        "--tread",
+        dest="tread_ratio",
+        type=float,
+        default=None,
+        metavar="RATIO",
+        help="TREAD: fraction of tokens routed around blocks --tread-start..--tread-end; the row counts a "
+        "training forward pass (sampling is unchanged)",
+    )
+    options.add_argument(
+        "--tread-start", type=int, default=None, help="first routed block, 0-based (default 2)"
+    )
+    options.add_argument(
+        "--tread-end",
+        type=int,
+        default=None,
+        help="last routed block, 0-based, inclusive (default depth - 4)",
+    )
 
 
 def model_options(args: argparse.Namespace) -> dict:
@@ -53,6 +82,8 @@ def model_options(args: argparse.Namespace) -> dict:
         flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag in MODEL_SWITCHES
     }
     options["adaln"] = args.adaln
+    for name in ("context_dim", "context_length", "tread_ratio", "tread_start", "tread_end"):
+        options[name] = getattr(args, name)
     return {key: value for key, value in options.items() if value is not None}
 
 
@@ -75,9 +106,9 @@ def run(args: argparse.Namespace) -> int:
         if name in list_tokenizers() and name != "pixels":
             halves = tokenizer_flops(name, resolution=args.resolution)
             for half in ("encoder", "decoder"):
-                rows.append((f"{name} {half}", args.resolution, "", None, halves[half], None, None))
+                rows.append((f"{name} {half}", args.resolution, "", None, halves[half], None, None, None))
             total = halves["encoder"] + halves["decoder"]
-            rows.append((f"{name} total", args.resolution, "", None, total, None, None))
+            rows.append((f"{name} total", args.resolution, "", None, total, None, None, None))
         elif name in list_models():
             options = model_options(args)
             registered = None
@@ -90,11 +121,13 @@ def run(args: argparse.Namespace) -> int:
                     num_classes=args.num_classes,
                     **overrides,
                 )
-                change = None if registered is None else cost.parameters / registered - 1
-                registered = registered or cost.parameters
+                if registered is None:
+                    registered, changes = cost, (None, None)
+                else:
+                    changes = (cost.flops / registered.flops - 1, cost.parameters / registered.parameters - 1)
                 rows.append(
                     (label, cost.resolution, cost.latent_size, cost.parameters, cost.flops, cost.adaln_share)
-                    + (change,)
+                    + changes
                 )
         else:
             choices = [*list_models(), *(t for t in list_tokenizers() if t != "pixels")]
@@ -103,21 +136,28 @@ def run(args: argparse.Namespace) -> int:
     width = max(22, *(len(row[0]) for row in rows))
     header = (
         f"{'name':<{width}} {'resolution':>10} {'latent':>7} {'params (M)':>11} {'GFLOPs':>9}"
-        f" {'adaLN share':>12} {'params vs registered':>21}"
+        f" {'adaLN share':>12} {'GFLOPs vs registered':>21} {'params vs registered':>21}"
     )
     print(
         "FLOPs count one multiply-add as one FLOP (the DiT paper's convention); one image, one forward pass."
     )
+    if args.tread_ratio:
+        print(
+            "Rows with tread count a training forward pass (TREAD routes in training only; sampling runs "
+            "the plain\nnetwork). The backward pass scales the same way: the change is the "
+            "training-FLOP change."
+        )
     print(header)
     print("-" * len(header))
-    for name, resolution, latent, params, flops, adaln, change in rows:
+    for name, resolution, latent, params, flops, adaln, flops_change, change in rows:
         params_text = f"{params / 1e6:.1f}" if params is not None else ""
         adaln_text = f"{adaln:.1%}" if adaln is not None else ""
         change_text = f"{change:+.1%}" if change is not None else ""
+        flops_change_text = f"{flops_change:+.1%}" if flops_change is not None else ""
         gflops = flops / 1e9
         line = (
             f"{name:<{width}} {resolution:>10} {latent!s:>7} {params_text:>11} {gflops:>9.2f}"
-            f" {adaln_text:>12} {change_text:>21}"
+            f" {adaln_text:>12} {flops_change_text:>21} {change_text:>21}"
         )
         print(line.rstrip())
     return 0

@@ -10,7 +10,13 @@ with the REPA tap:
                                              in its key layout, so its released weights load;
   adaln="single"                             PixArt's adaLN-single: one modulation MLP shared by
                                              all blocks plus a learned (6, D) table per block;
-  grad_checkpointing                         recompute each block in the backward pass (training).
+  grad_checkpointing                         recompute each block in the backward pass (training);
+  context_dim (null_context, context_length) cross-attention to a sequence of embeddings (text)
+                                             after each self-attention, PixArt's layout, with a
+                                             key-padding mask and a null context for CFG
+                                             (cross_attention.py); num_classes=0: no labels;
+  tread_ratio (tread_start, tread_end)       TREAD: during training a fraction of the tokens skips
+                                             a range of blocks (tread.py); eval never routes.
 
 Time convention: REPA's, t=0 is data and t=1 is noise; the network sees the raw t in [0, 1].
 `reverse_time` wraps weights trained the other way (LightningDiT's) so they speak ours.
@@ -26,6 +32,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from repa.models.cross_attention import NULL_CONTEXT_MODES, Context, ContextEmbedder, CrossAttention
 from repa.models.layers import (
     Attention,
     LabelEmbedder,
@@ -39,6 +46,7 @@ from repa.models.layers import (
 )
 from repa.models.rope import RotaryEmbedding2D
 from repa.models.swiglu import SwiGLU, swiglu_hidden_size
+from repa.models.tread import TokenRoute, num_kept_tokens, random_route_ids
 
 ADALN_MODES = ("block", "single")
 
@@ -52,7 +60,8 @@ class SiTBlock(nn.Module):
     The modulation is (shift, scale, gate) for attention and for the MLP, or (scale, gate) twice
     with `wo_shift`. With adaln="block" (DiT's adaLN-Zero) the block maps c through its own
     SiLU + Linear(D, nD); with adaln="single" (PixArt) it receives the shared modulation (B, nD)
-    and adds its own learned table `scale_shift_table` (n, D).
+    and adds its own learned table `scale_shift_table` (n, D). With `cross_attention` a
+    cross-attention to the context follows the self-attention as a plain residual (PixArt).
     """
 
     def __init__(
@@ -66,12 +75,14 @@ class SiTBlock(nn.Module):
         rmsnorm: bool = False,
         wo_shift: bool = False,
         adaln: str = "block",
+        cross_attention: bool = False,
     ):
         super().__init__()
         self.wo_shift = wo_shift
         self.num_modulations = 4 if wo_shift else 6
         self.norm1 = block_norm(hidden_size, rmsnorm)
         self.attn = Attention(hidden_size, num_heads, qkv_bias=True, qk_norm=qk_norm, rms_qk_norm=rmsnorm)
+        self.cross_attn = CrossAttention(hidden_size, num_heads) if cross_attention else None
         self.norm2 = block_norm(hidden_size, rmsnorm)
         if swiglu:
             self.mlp = SwiGLU(hidden_size, swiglu_hidden_size(hidden_size, mlp_ratio))
@@ -94,14 +105,23 @@ class SiTBlock(nn.Module):
             return self.adaLN_modulation(c).chunk(self.num_modulations, dim=-1)
         return (c.unflatten(-1, (self.num_modulations, -1)) + self.scale_shift_table).unbind(1)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: nn.Module | None = None) -> torch.Tensor:
-        # x: (B, T, D); c: (B, D) or (B, n*D); rope: the model's 2-D RoPE or None
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        rope: nn.Module | None = None,
+        context: Context | None = None,
+    ) -> torch.Tensor:
+        # x: (B, T, D); c: (B, D) or (B, n*D); rope: the model's 2-D RoPE or None;
+        # context: the projected context (B, L, D) and its mask, for the cross-attention
         if self.wo_shift:
             scale_msa, gate_msa, scale_mlp, gate_mlp = self.modulation(c)
             shift_msa = shift_mlp = None
         else:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
+        if self.cross_attn is not None:  # no norm, no modulation, no gate (PixArt)
+            x = x + self.cross_attn(x, context)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
@@ -141,7 +161,7 @@ class SiTConfig:
     depth: int = 28
     num_heads: int = 16
     mlp_ratio: float = 4.0
-    num_classes: int = 1000
+    num_classes: int = 1000  # 0: no label embedder (text or unconditional models)
     class_dropout_prob: float = 0.1
     learn_sigma: bool = False  # DiT predicts a variance too (2C outputs); SiT/REPA do not
     qk_norm: bool = False
@@ -162,6 +182,17 @@ class SiTConfig:
     adaln: str = "block"  # "block": adaLN-Zero per block; "single": PixArt's shared adaLN
     # Recompute each block in the backward pass (training with gradients only; same numbers).
     grad_checkpointing: bool = False
+    # Cross-attention to a sequence of embeddings (PixArt): width of the context's tokens (0: off),
+    # the longest context (the null context's rows; PixArt's T5 captions: 120) and whether the null
+    # context is learned or PixArt's fixed random buffer.
+    context_dim: int = 0
+    context_length: int = 120
+    null_context: str = "learned"
+    # TREAD (training only): the fraction r of tokens that skips blocks tread_start..tread_end
+    # (0-based, inclusive; None: depth - 4). 0: off.
+    tread_ratio: float = 0.0
+    tread_start: int = 2
+    tread_end: int | None = None
     # Weights trained with t=1 data and v = x - e (LightningDiT's released models): the network is
     # fed 1 - t and its output negated, so forward/velocity keep our convention.
     reverse_time: bool = False
@@ -188,6 +219,46 @@ class SiTConfig:
                 f"--num-heads {self.num_heads} gives {head_dim}: change either, or drop --rope"
             )
         self.projector_out_dims = [int(d) for d in self.projector_out_dims]
+        if self.num_classes < 0:
+            raise ValueError(f"--num-classes must be >= 0 (0: no labels), got {self.num_classes}")
+        self._check_cross_attention()
+        self._check_tread()
+
+    def _check_cross_attention(self) -> None:
+        if self.context_dim < 0:
+            raise ValueError(f"context_dim must be >= 0 (0: no cross-attention), got {self.context_dim}")
+        if self.null_context not in NULL_CONTEXT_MODES:
+            raise ValueError(
+                f"null_context {self.null_context!r} is not one of: {', '.join(NULL_CONTEXT_MODES)}"
+            )
+        if self.context_length < 1:
+            raise ValueError(f"context_length must be >= 1, got {self.context_length}")
+
+    @property
+    def tread_blocks(self) -> tuple[int, int]:
+        """TREAD's route: first and last routed block, 0-based, inclusive."""
+        return self.tread_start, self.depth - 4 if self.tread_end is None else self.tread_end
+
+    def _check_tread(self) -> None:
+        if not 0 <= self.tread_ratio < 1:
+            raise ValueError(
+                f"--tread-ratio {self.tread_ratio} must lie in [0, 1): the fraction of tokens that skips "
+                "the route (0: off; TREAD's published value 0.5)"
+            )
+        if self.tread_ratio == 0:
+            return
+        start, end = self.tread_blocks
+        if not 0 <= start <= end < self.depth:
+            default = " (the default --tread-end is depth - 4)" if self.tread_end is None else ""
+            raise ValueError(
+                f"TREAD route --tread-start {start} .. --tread-end {end}{default} does not fit this model's "
+                f"{self.depth} blocks: they are 0-based block indices, both inclusive, so choose "
+                f"0 <= start <= end <= {self.depth - 1}"
+            )
+        if num_kept_tokens(self.num_tokens, self.tread_ratio) < 1:
+            raise ValueError(
+                f"--tread-ratio {self.tread_ratio} keeps no token of this model's {self.num_tokens}: lower it"
+            )
 
     @property
     def out_channels(self) -> int:
@@ -205,7 +276,8 @@ class SiTConfig:
 class SiT(nn.Module):
     """Diffusion transformer predicting the flow-matching velocity.
 
-    forward(x, t, y) -> (velocity (B, C, H, W), [projected tokens (B, T, D_k) per encoder]).
+    forward(x, t, y) -> (velocity (B, C, H, W), [projected tokens (B, T, D_k) per encoder]);
+    cross-attention models also take context=(B, L, context_dim), context_mask=(B, L).
     """
 
     def __init__(self, config: SiTConfig):
@@ -214,7 +286,16 @@ class SiT(nn.Module):
         hidden = config.hidden_size
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, hidden)
         self.t_embedder = TimestepEmbedder(hidden, time_scale=config.time_scale)
-        self.y_embedder = LabelEmbedder(config.num_classes, hidden, config.class_dropout_prob)
+        # num_classes=0: no label embedder (a text model conditions through the context only)
+        self.y_embedder = (
+            LabelEmbedder(config.num_classes, hidden, config.class_dropout_prob)
+            if config.num_classes
+            else None
+        )
+        if config.context_dim:
+            self.context_embedder = ContextEmbedder(
+                config.context_dim, hidden, config.context_length, config.null_context
+            )
         # Fixed sin-cos embedding, stored as a frozen Parameter as in the published checkpoints.
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, hidden), requires_grad=False)
         # 2-D RoPE tables for this grid, shared by every block's attention (not saved).
@@ -222,7 +303,11 @@ class SiT(nn.Module):
             RotaryEmbedding2D(hidden // config.num_heads, config.grid_size) if config.rope else None
         )
         block_options = dict(
-            swiglu=config.swiglu, rmsnorm=config.rmsnorm, wo_shift=config.wo_shift, adaln=config.adaln
+            swiglu=config.swiglu,
+            rmsnorm=config.rmsnorm,
+            wo_shift=config.wo_shift,
+            adaln=config.adaln,
+            cross_attention=config.context_dim > 0,
         )
         self.blocks = nn.ModuleList(
             [
@@ -253,7 +338,8 @@ class SiT(nn.Module):
 
         adaLN-single follows PixArt instead: its shared MLP's output layer is N(0, 0.02) and the
         per-block tables randn / sqrt(D), so the blocks are live from the start; the final layer
-        is zero either way, so every model predicts zero velocity at initialisation.
+        is zero either way, so every model predicts zero velocity at initialisation. The
+        cross-attention's output layer starts at zero (PixArt), so a text model starts text-blind.
         """
 
         def init_linear(module: nn.Module) -> None:
@@ -269,7 +355,14 @@ class SiT(nn.Module):
         weight = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if self.config.context_dim:  # PixArt: caption projection N(0, 0.02), attention output zero
+            nn.init.normal_(self.context_embedder.fc1.weight, std=0.02)
+            nn.init.normal_(self.context_embedder.fc2.weight, std=0.02)
+            for block in self.blocks:
+                nn.init.zeros_(block.cross_attn.proj.weight)
+                nn.init.zeros_(block.cross_attn.proj.bias)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         if self.config.adaln == "single":
@@ -302,26 +395,117 @@ class SiT(nn.Module):
             )
 
     def _embed(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None,
+        force_drop_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_input(x)
         if self.config.reverse_time:
             t = 1 - t
         tokens = self.x_embedder(x) + self.pos_embed  # (B, T, D)
-        c = self.t_embedder(t) + self.y_embedder(
-            y, train=self.training, force_drop_ids=force_drop_ids
-        )  # (B, D)
+        c = self.t_embedder(t)  # (B, D)
+        if self.y_embedder is not None:
+            if y is None:
+                raise ValueError("this model is class-conditional (num_classes > 0): pass the labels y")
+            c = c + self.y_embedder(y, train=self.training, force_drop_ids=force_drop_ids)
+        elif y is not None:
+            raise ValueError("this model has no label embedder (num_classes=0): pass y=None")
         return tokens, c
+
+    def _embed_context(
+        self,
+        context: torch.Tensor | None,
+        context_mask: torch.Tensor | None,
+        force_drop_ids: torch.Tensor | None,
+    ) -> Context | None:
+        """The projected context for the cross-attention, or None for models without it.
+        force_drop_ids: (B,) bool, the samples whose context becomes the null context."""
+        if not self.config.context_dim:
+            if context is not None or context_mask is not None:
+                raise ValueError(
+                    "this model has no cross-attention (context_dim=0): build it with context_dim set to "
+                    "the context's width to condition on context"
+                )
+            return None
+        if context is None:
+            raise ValueError(
+                f"this model cross-attends to a context (context_dim={self.config.context_dim}): pass "
+                "context=(B, L, context_dim) [and context_mask=(B, L)]"
+            )
+        return self.context_embedder(context, context_mask, force_drop_ids)
+
+    def _condition_drop(self, x: torch.Tensor, force_drop_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """force_drop_ids, or for a cross-attention model in train mode without it, the model's own
+        draw (probability class_dropout_prob), made once so that label and context drop together.
+        Label-only models keep the label embedder's own draw."""
+        config = self.config
+        if force_drop_ids is None and config.context_dim and self.training and config.class_dropout_prob > 0:
+            return torch.rand(x.shape[0], device=x.device) < config.class_dropout_prob
+        return force_drop_ids
+
+    def _route(self, route_ids: torch.Tensor | None, batch: int, device: torch.device) -> TokenRoute | None:
+        """TREAD's route for this pass: in train mode with tread_ratio > 0 only, else None.
+        route_ids: (B, T) one permutation per sample (the method's draw), else the model draws."""
+        config = self.config
+        if not (self.training and config.tread_ratio > 0):
+            return None
+        if route_ids is None:
+            route_ids = random_route_ids(batch, config.num_tokens, device)
+        elif tuple(route_ids.shape) != (batch, config.num_tokens):
+            raise ValueError(
+                f"route_ids must hold one permutation of the {config.num_tokens} tokens per sample, "
+                f"shape {(batch, config.num_tokens)}; got {tuple(route_ids.shape)}"
+            )
+        start, end = config.tread_blocks
+        return TokenRoute(start, end, route_ids, num_kept_tokens(config.num_tokens, config.tread_ratio))
 
     def _block_condition(self, c: torch.Tensor) -> torch.Tensor:
         """What the blocks receive: c itself, or under adaLN-single the shared modulation (B, n*D)."""
         return self.t_block(c) if self.config.adaln == "single" else c
 
-    def _run_block(self, block: SiTBlock, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def _run_block(
+        self,
+        block: SiTBlock,
+        tokens: torch.Tensor,
+        c: torch.Tensor,
+        rope: nn.Module | None,
+        context: Context | None,
+    ) -> torch.Tensor:
         if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
             # Keeps only the block's input; its activations are recomputed in the backward pass.
-            return checkpoint(block, tokens, c, self.feat_rope, use_reentrant=False)
-        return block(tokens, c, self.feat_rope)
+            return checkpoint(block, tokens, c, rope, context, use_reentrant=False)
+        return block(tokens, c, rope, context)
+
+    def _run_blocks(
+        self,
+        tokens: torch.Tensor,
+        block_c: torch.Tensor,
+        context: Context | None,
+        route: TokenRoute | None = None,
+        tap: bool = False,
+        align_only: bool = False,
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """The blocks, in order: (tokens (B, T, D), projections). tap: apply the REPA projectors
+        after block align_depth; align_only: stop there and return (None, projections). With a
+        TREAD route, blocks route.start..route.end see only the kept tokens (B, K, D), the REPA tap
+        included when it lies inside (its projections are then of the kept tokens)."""
+        rope = self.feat_rope
+        projections: list[torch.Tensor] = []
+        for index, block in enumerate(self.blocks):
+            if route is not None and index == route.start:
+                tokens = route.leave(tokens)  # (B, K, D)
+                rope = route.rope(self.feat_rope)
+            tokens = self._run_block(block, tokens, block_c, rope, context)
+            if route is not None and index == route.end:
+                tokens = route.rejoin(tokens)  # (B, T, D): skipped tokens at their pre-route values
+                rope = self.feat_rope
+            if tap and index + 1 == self.config.align_depth:
+                projections = [projector(tokens) for projector in self.projectors]  # each (B, T or K, D_k)
+                if align_only:
+                    return None, projections
+        return tokens, projections
 
     def _output(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         velocity = self.unpatchify(self.final_layer(tokens, c))  # (B, C_out, H, W)
@@ -334,38 +518,64 @@ class SiT(nn.Module):
         self,
         x: torch.Tensor,
         t: torch.Tensor,
-        y: torch.Tensor,
+        y: torch.Tensor | None,
         *,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
         align_only: bool = False,
         force_drop_ids: torch.Tensor | None = None,
+        route_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """Velocity and projected alignment tokens.
 
-        x: (B, C, H, W) noisy latents; t: (B,) times in [0, 1]; y: (B,) int64 labels.
+        x: (B, C, H, W) noisy latents; t: (B,) times in [0, 1]; y: (B,) int64 labels, or None
+        for a model without labels (num_classes=0).
+        context: (B, L, context_dim) embeddings to cross-attend to (models with context_dim);
+        context_mask: (B, L) bool, True (or 1) = a real token, False = padding.
         align_only: run only the blocks up to the alignment tap and return (None, projections);
         REPA-E's VAE step needs nothing else, and skipping the rest saves most of the pass.
-        force_drop_ids: (B,) bool, labels replaced by the null class (classifier-free guidance
-        training), in place of the model's own draw in train mode.
+        force_drop_ids: (B,) bool, labels replaced by the null class and contexts by the null
+        context (classifier-free guidance training), in place of the model's own draw in train mode.
+        route_ids: (B, T) int64, one permutation of the tokens per sample for TREAD (train mode
+        with tread_ratio > 0; the model draws its own when None). With the REPA tap inside the
+        route, the projections are of the kept tokens: (B, K, D_k), K = (1 - r) T, in the order
+        route_ids[:, :K] (gather the targets with repa.models.tread.gather_tokens).
         """
-        tokens, c = self._embed(x, t, y, force_drop_ids)
-        block_c = self._block_condition(c)
-        projections: list[torch.Tensor] = []
-        for depth, block in enumerate(self.blocks, start=1):
-            tokens = self._run_block(block, tokens, block_c)
-            if depth == self.config.align_depth and len(self.projectors):
-                projections = [projector(tokens) for projector in self.projectors]  # each (B, T, D_k)
-                if align_only:
-                    return None, projections
-        if align_only:
+        if align_only and not len(self.projectors):
             raise ValueError("align_only=True needs a model with projectors (projector_out_dims is empty)")
+        force_drop_ids = self._condition_drop(x, force_drop_ids)
+        tokens, c = self._embed(x, t, y, force_drop_ids)
+        context_tokens = self._embed_context(context, context_mask, force_drop_ids)
+        route = self._route(route_ids, x.shape[0], x.device)
+        tokens, projections = self._run_blocks(
+            tokens,
+            self._block_condition(c),
+            context_tokens,
+            route,
+            tap=len(self.projectors) > 0,
+            align_only=align_only,
+        )
+        if align_only:
+            return None, projections
         return self._output(tokens, c), projections
 
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The sampler's view: velocity only; the projectors are never evaluated."""
-        tokens, c = self._embed(x, t, y)
-        block_c = self._block_condition(c)
-        for block in self.blocks:
-            tokens = self._run_block(block, tokens, block_c)
+    def velocity(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None,
+        *,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        force_drop_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The sampler's view: velocity only; the projectors are never evaluated and TREAD never
+        routes. force_drop_ids: (B,) bool, the rows to predict unconditionally (null label and
+        null context); cross-attention models sample through cross_attention.CaptionVelocity."""
+        force_drop_ids = self._condition_drop(x, force_drop_ids)
+        tokens, c = self._embed(x, t, y, force_drop_ids)
+        context_tokens = self._embed_context(context, context_mask, force_drop_ids)
+        tokens, _ = self._run_blocks(tokens, self._block_condition(c), context_tokens)
         velocity = self._output(tokens, c)
         if self.config.learn_sigma:
             velocity = velocity[:, : self.config.in_channels]

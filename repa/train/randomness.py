@@ -59,3 +59,9 @@ class StepNoise:
     def uniform(self, name: str) -> torch.Tensor:
         """(micro-batch,) uniform on [0, 1)."""
         return self.draw(name, lambda n, g: torch.rand(n, generator=g, device=self.device))
+
+    def permutations(self, name: str, size: int) -> torch.Tensor:
+        """(micro-batch, size) int64: a uniform random permutation of range(size) per sample."""
+        return self.draw(
+            name, lambda n, g: torch.rand((n, size), generator=g, device=self.device).argsort(dim=1)
+        )

@@ -13,6 +13,7 @@ from torch import nn
 
 from repa.align import alignment_loss, resample_tokens, token_cosine
 from repa.config import ExperimentConfig
+from repa.models.tread import gather_tokens
 from repa.train.methods.base import GroupLoss, MethodContext, ParamGroup, TrainingMethod
 from repa.train.optim import adamw, lr_at
 from repa.train.randomness import StepNoise
@@ -40,6 +41,25 @@ def time_sampler_for(config: ExperimentConfig):
     return create_time_sampler(transport.time_sampler, **options)
 
 
+def routed_targets(
+    targets: torch.Tensor, projected: torch.Tensor, route_ids: torch.Tensor, resample: bool
+) -> torch.Tensor:
+    """TREAD: with the REPA tap inside the route the model projects only each sample's kept
+    tokens, route_ids[:, :K] (K = projected.shape[1]); they align with the same-index targets.
+    targets: (B, T_enc, D) -> (B, K, D); unchanged when the tap sees every token."""
+    num_tokens, num_kept = route_ids.shape[1], projected.shape[1]
+    if num_kept == num_tokens:
+        return targets
+    if targets.shape[1] != num_tokens:
+        if not resample:
+            raise ValueError(
+                f"the model has {num_tokens} tokens but the encoder gives {targets.shape[1]}: match them "
+                "or opt in to --align-resample"
+            )
+        targets = resample_tokens(targets, num_tokens)
+    return gather_tokens(targets, route_ids[:, :num_kept])
+
+
 class DenoisingMethod(TrainingMethod):
     def __init__(
         self,
@@ -51,6 +71,7 @@ class DenoisingMethod(TrainingMethod):
         group: ParamGroup,
         resample_targets: bool = False,
         label_dropout: float = 0.0,
+        routed_tokens: int = 0,
     ):
         self.tokenizer = tokenizer
         self.encoders = list(encoders)
@@ -60,6 +81,7 @@ class DenoisingMethod(TrainingMethod):
         self.model_group = group
         self.resample_targets = resample_targets  # interpolate encoder tokens to the model's grid
         self.label_dropout = label_dropout  # classifier-free guidance training
+        self.routed_tokens = routed_tokens  # TREAD: the model's token count when it routes, else 0
 
     @classmethod
     def check_config(cls, config: ExperimentConfig) -> None:
@@ -81,6 +103,7 @@ class DenoisingMethod(TrainingMethod):
             model_group(context),
             resample_targets=config.model.align_resample,
             label_dropout=config.model.class_dropout_prob,
+            routed_tokens=context.model.config.num_tokens if config.model.tread_ratio > 0 else 0,
             **extra,
         )
 
@@ -133,13 +156,22 @@ class DenoisingMethod(TrainingMethod):
         target_tokens: list[torch.Tensor],
         noise: StepNoise,
     ) -> GroupLoss:
-        """The diffusion model's loss: denoising + proj_coeff * alignment, on times, noise and
-        label dropout drawn from `noise` (names "t", "noise", "label_drop")."""
+        """The diffusion model's loss: denoising + proj_coeff * alignment, on times, noise,
+        label dropout and TREAD's token permutations drawn from `noise` (names "t", "noise",
+        "label_drop", "route")."""
         t = noise.draw("t", lambda n, g: self.time_sampler(n, self.path, generator=g, device=noise.device))
         eps = noise.normal("noise", tuple(latents.shape[1:]), dtype=latents.dtype)
         x_t, target_velocity = interpolate(self.path, latents, eps, t)
         drop = noise.uniform("label_drop") < self.label_dropout if self.label_dropout > 0 else None
-        pred_velocity, projections = model(x_t, t, labels, force_drop_ids=drop)
+        route = {}
+        if self.routed_tokens:
+            route["route_ids"] = noise.permutations("route", self.routed_tokens)  # (B, T)
+        pred_velocity, projections = model(x_t, t, labels, force_drop_ids=drop, **route)
+        if route and self.encoders:
+            target_tokens = [
+                routed_targets(z, h, route["route_ids"], self.resample_targets)
+                for h, z in zip(projections, target_tokens)
+            ]
         denoise = denoising_loss(pred_velocity, target_velocity).mean()
         metrics = {"loss_denoise": denoise.detach()}
         loss = denoise
@@ -149,7 +181,7 @@ class DenoisingMethod(TrainingMethod):
             metrics["loss_align"] = align.detach()
             # mean cosine per encoder, the figure papers plot (0.6-0.75 is normal for REPA)
             for k, (h, z) in enumerate(zip(projections, target_tokens)):
-                if self.resample_targets:
+                if self.resample_targets and z.shape[1] != h.shape[1]:
                     z = resample_tokens(z, h.shape[1])
                 metrics[f"cos_sim_{k}"] = token_cosine(h.detach(), z).mean()
         metrics["loss"] = loss.detach()
