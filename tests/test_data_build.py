@@ -330,11 +330,12 @@ def test_build_with_registered_pixels_tokenizer(image_folder, tmp_path):
 
 def test_interrupted_build_leaves_no_partial_shard_and_resumes(image_folder, tmp_path):
     out = tmp_path / "out"
-    # Crash while encoding the second shard (calls 1-2 are shard 0: image and mirror).
+    # Crash while encoding the second shard (call 1 is the size estimate's, calls 2-3 are shard
+    # 0: image and mirror).
     with pytest.raises(RuntimeError, match="simulated crash"):
         build_shards(
             str(image_folder), out, resolution=RESOLUTION, shard_size=16, workers=0,
-            tokenizer=FakeTokenizer(fail_on_call=3),
+            tokenizer=FakeTokenizer(fail_on_call=4),
         )  # fmt: skip
     assert sorted(p.name for p in out.iterdir()) == ["train-000000.json", "train-000000.tar"]
     resumed = build_shards(
