@@ -1,4 +1,9 @@
-"""`repa curves RUN [RUN ...] --output DIR --ref REF`: metric-vs-step curves and the speed-up table."""
+"""`repa curves RUN [RUN ...] --output DIR --ref REF`: metric-vs-step curves and the speed-up table.
+
+Runs that differ only in the seed are one arm (`--arm NAME=RUN,RUN` names one and checks it):
+each arm is drawn as its seeds' mean with a 95% band, and its speed-up over the baseline's arm
+comes with a bootstrap interval over seeds (docs/comparisons.md).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from repa.commands.eval import add_evaluator_arguments
     from repa.commands.sample import add_sampler_arguments
 
-    parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories (training output)")
+    parser.add_argument(
+        "runs", nargs="*", metavar="RUN", help="run directories (training output; --arm adds its runs)"
+    )
+    parser.add_argument(
+        "--arm",
+        action="append",
+        default=[],
+        metavar="NAME=RUN,RUN",
+        help="an arm: runs differing only in the seed (refused otherwise); repeatable. Runs not in an "
+        "--arm are grouped into arms by their configs",
+    )
+    parser.add_argument(
+        "--sampling-seeds",
+        type=int,
+        default=0,
+        metavar="K",
+        help="re-score each run's last checkpoint with K sample sets and report the spread "
+        "(evaluation noise, beside the spread over training seeds)",
+    )
+    parser.add_argument(
+        "--classifier",
+        default=None,
+        metavar="PATH",
+        help="TorchScript classifier (uint8 images -> logits): adds class_accuracy, the share of "
+        "samples classified as the class they were sampled for",
+    )
     parser.add_argument("--output", required=True, help="folder for curves.csv/json and the plots")
     parser.add_argument(
         "--num-samples", type=int, default=10_000, help="samples per checkpoint (default 10000)"
@@ -28,8 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from repa.commands.eval import evaluator_from_args
     from repa.commands.sample import sampler_settings_from_args
-    from repa.eval.curves import build_curves
+    from repa.eval.curves import Classifier, build_curves, parse_arm_option
 
+    arms = parse_arm_option(args.arm)
+    if not args.runs and not arms:
+        raise SystemExit("repa curves: give run directories, or --arm NAME=RUN,RUN")
     result = build_curves(
         args.runs,
         args.output,
@@ -44,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         wandb_project=args.wandb_project,
+        arms=arms,
+        classifier=Classifier.from_file(args.classifier, args.device or "cpu") if args.classifier else None,
+        sampling_seeds=args.sampling_seeds,
     )
     if result.speedup:
         print(f"speed-up over {result.baseline} (best {result.metric} of the baseline):")
@@ -52,6 +88,30 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  {run_name}: step {entry['step']} -> {entry['ratio_steps']:.2f}x fewer steps")
             else:
                 print(f"  {run_name}: {entry['status']}")
+    for arm, entry in result.arm_speedup.items():
+        if arm != result.baseline_arm:
+            print(f"  arm {arm}: {describe_arm_speedup(entry)}")
+    for run_name, entry in result.sampling_spread.items():
+        print(
+            f"  sampling noise, {run_name} step {entry['step']}: {entry['metric']} {entry['mean']:.4g} "
+            f"+- {entry['std']:.3g} (std over {len(entry['values'])} sample sets)"
+        )
     for kind, path in result.files.items():
         print(f"{kind}: {path}")
     return 0
+
+
+def describe_arm_speedup(entry: dict) -> str:
+    """One line for an arm's speed-up over the baseline arm, with its interval when there is one."""
+    if entry.get("factor") is None:
+        return entry.get("status", "not reached")
+    seeds = entry["seeds"]
+    text = f"{entry['factor']:.2f}x fewer steps"
+    if entry.get("low") is None:
+        return text + " (one seed per arm: no interval)"
+    text += f", 95% interval [{entry['low']:.2f}, {entry['high']:.2f}] over seeds ({seeds[0]} vs {seeds[1]})"
+    if entry.get("includes_one"):
+        text += "; the interval includes 1: no speed-up is within the seed noise"
+    if entry.get("factor_flops") is not None:
+        text += f"; per training FLOP {entry['factor_flops']:.2f}x"
+    return text

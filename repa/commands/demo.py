@@ -1,7 +1,9 @@
-"""`repa demo [--output DIR] [--quick] [--seed S] [--with-repa-e] [--encoder NAME]`.
+"""`repa demo [--output DIR] [--quick] [--seed S] [--seeds K] [--arms A,B,...] [--with-repa-e]
+[--encoder NAME]`.
 
 The whole research loop at toy scale on a CPU, offline: synthetic data -> shards -> a small
-teacher encoder -> plain SiT and REPA runs -> FD-vs-step curves -> report.md.
+teacher encoder -> one run per arm and seed -> FD-vs-step curves with intervals, class accuracy,
+the alignment probe -> report.md.
 """
 
 from __future__ import annotations
@@ -14,7 +16,23 @@ from repa.config import PRECISIONS
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="demo_output", help="output directory (default demo_output)")
     parser.add_argument("--quick", action="store_true", help="a tiny version (about two minutes), for tests")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="data, teacher and evaluator seed; the first training seed"
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        metavar="K",
+        help="training seeds per arm (default 1: no interval; 3 gives 95%% intervals and about 3x the time)",
+    )
+    parser.add_argument(
+        "--arms",
+        default="sit,repa",
+        help="comma-separated arms, the first the baseline: sit, repa, repa-random-teacher (REPA with "
+        "the teacher's architecture and random weights), repa-e, or any training method "
+        "(default sit,repa)",
+    )
     parser.add_argument("--with-repa-e", action="store_true", help="also train a REPA-E run on a small VAE")
     parser.add_argument(
         "--encoder",
@@ -42,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
         encoder=args.encoder,
         mixed_precision=args.mixed_precision,
         size=QUICK if args.quick else FULL,
+        arms=tuple(arm.strip() for arm in args.arms.split(",") if arm.strip()),
+        seeds=args.seeds,
     )
+    options.arm_list()  # unknown arms and --seeds < 1 fail here, before any work
     run_demo(options)
     return 0

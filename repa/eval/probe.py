@@ -226,23 +226,43 @@ def probe_generator(
 
 def plot_probe(rows: list[dict], output_dir: Path, title: str = "") -> list[Path]:
     """Two panels, layer on the x axis (as REPA's figure): CKNNA and linear-probe accuracy, one
-    line per noise level; PNG and SVG."""
+    line per noise level (and per run, when rows carry a "run": one colour per run, one line
+    style per noise level); PNG and SVG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for t in dict.fromkeys(r["t"] for r in rows):
-        points = sorted((r["layer"], r["cknna"], r["linear_probe"]) for r in rows if r["t"] == t)
-        layers, alignment, accuracy = zip(*points)
-        axes[0].plot(layers, alignment, marker="o", label=f"t = {t:g}")
-        axes[1].plot(layers, accuracy, marker="o", label=f"t = {t:g}")
+    runs = list(dict.fromkeys(r.get("run") for r in rows))
+    levels = list(dict.fromkeys(r["t"] for r in rows))
+    styles = ["-", "--", ":", "-."]
+    for run_index, run in enumerate(runs):
+        for level_index, t in enumerate(levels):
+            points = sorted(
+                (r["layer"], r["cknna"], r["linear_probe"])
+                for r in rows
+                if r.get("run") == run and r["t"] == t
+            )
+            if not points:
+                continue
+            layers, alignment, accuracy = zip(*points)
+            label = f"t = {t:g}" if run is None else f"{run}, t = {t:g}"
+            style = dict(
+                marker="o",
+                label=label,
+                linestyle=styles[level_index % len(styles)] if run is not None else "-",
+                color=f"C{run_index}" if run is not None else f"C{level_index}",
+            )
+            axes[0].plot(layers, alignment, **style)
+            axes[1].plot(layers, accuracy, **style)
     for ax, label in zip(axes, ("CKNNA with the encoder", "linear-probe accuracy")):
         ax.set_xlabel("SiT layer (block)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize="small")
     if title:
         figure.suptitle(title)
     figure.tight_layout()
