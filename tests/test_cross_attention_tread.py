@@ -177,6 +177,7 @@ OPTIONS = {
     "lightning": dict(swiglu=True, rmsnorm=True, qk_norm=True),
     "rope": dict(rope=True),
     "adaln_single": dict(adaln="single"),
+    "wo_shift": dict(wo_shift=True),
     "context": dict(context_dim=8, num_classes=0),
     "tread": dict(tread_ratio=0.5),  # route 2..8 (depth - 4) holds the tap after block 8 (index 7)
 }
