@@ -121,7 +121,7 @@ class ModelOptions(_Section):
     name: str = option(
         "SiT-XL/2",
         "diffusion backbone from the registry (SiT-{S,B,L,XL}/{1,2,4,8}, "
-        "LightningDiT-{B,L,XL,1p0B,1p6B}/{1,2})",
+        "LightningDiT-{B,L,XL,1p0B,1p6B}/{1,2}, DDT-{B,L,XL}/{1,2})",
         flag="--model",
     )
     align_depth: int = option(
@@ -136,8 +136,10 @@ class ModelOptions(_Section):
     class_dropout_prob: float = option(
         0.1, "label dropout for classifier-free guidance", aliases=("--cfg-prob",)
     )
-    qk_norm: bool = option(
-        False, "norm on queries and keys in attention (LayerNorm, or RMSNorm with --rmsnorm)"
+    qk_norm: bool | None = option(
+        None,
+        "norm on queries and keys in attention (LayerNorm, or RMSNorm with --rmsnorm); default: as "
+        "registered (on for DDT-*)",
     )
     # LightningDiT's block options; None keeps the registered model's (on for LightningDiT-*).
     swiglu: bool | None = option(
@@ -155,6 +157,11 @@ class ModelOptions(_Section):
     adaln: AdaLNMode = option(
         "block",
         "block: adaLN-Zero MLP per block; single: PixArt's shared adaLN MLP plus a (6, D) table per block",
+    )
+    ddt_encoder_depth: int | None = option(
+        None,
+        "DDT: blocks 1..k form the condition encoder, the rest the velocity decoder (0: a plain SiT; "
+        "default: as registered, 22 for DDT-XL/2)",
     )
     grad_checkpointing: bool = option(
         False, "recompute each block's activations in the backward pass (less memory, same numbers)"
@@ -465,7 +472,6 @@ class ExperimentConfig:
             projector_dim=self.model.projector_dim,
             num_classes=self.model.num_classes,
             class_dropout_prob=self.model.class_dropout_prob,
-            qk_norm=self.model.qk_norm,
             wo_shift=self.model.wo_shift,
             adaln=self.model.adaln,
             grad_checkpointing=self.model.grad_checkpointing,
@@ -477,7 +483,8 @@ class ExperimentConfig:
         )
         if input_size is not None:
             overrides["input_size"] = input_size
-        for name in ("hidden_size", "depth", "num_heads", "swiglu", "rmsnorm", "rope"):
+        for name in ("hidden_size", "depth", "num_heads", "swiglu", "rmsnorm", "rope", "qk_norm",
+                     "ddt_encoder_depth"):  # fmt: skip
             if getattr(self.model, name) is not None:
                 overrides[name] = getattr(self.model, name)
         return overrides

@@ -45,6 +45,21 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
         help="LightningDiT's timestep_shift, in its convention (t=1 data): --time-shift 1/S (0: none)",
     )
     group.add_argument(
+        "--ddt-share",
+        type=int,
+        default=1,
+        metavar="K",
+        help="DDT checkpoints: run the condition encoder at every K-th model evaluation and reuse its "
+        "output in between, only the decoder running (default 1: no sharing)",
+    )
+    group.add_argument(
+        "--ddt-share-schedule",
+        choices=("uniform", "dp"),
+        default="uniform",
+        help="which evaluations run the encoder with --ddt-share K: every K-th (uniform) or DDT's "
+        "statistical choice of as many, measured once on 8 template samples (dp)",
+    )
+    group.add_argument(
         "--mixed-precision",
         "--precision",
         dest="precision",
@@ -105,6 +120,8 @@ def sampler_settings_from_args(args: argparse.Namespace, default_time_shift: flo
         precision=args.precision,
         cfg_channels=args.cfg_channels,
         time_shift=resolve_time_shift(args, default_time_shift),
+        ddt_share=args.ddt_share,
+        ddt_share_schedule=args.ddt_share_schedule,
     )
 
 

@@ -169,9 +169,11 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     with torch.serialization.safe_globals([argparse.Namespace]):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     from repa.models import unwrap_checkpoint
+    from repa.models.ddt import from_lightning_layout
 
     config = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else None
-    return unwrap_checkpoint(checkpoint, prefer="ema"), config
+    # DDT's Lightning files hold denoiser.*, ema_denoiser.* and the REPA projector side by side
+    return from_lightning_layout(unwrap_checkpoint(checkpoint, prefer="ema")), config
 
 
 def is_our_config(config: dict) -> bool:
@@ -204,6 +206,10 @@ def infer_architecture(state_dict: dict[str, torch.Tensor]) -> dict:
     """SiTConfig fields that the weights' shapes and key names determine."""
     from repa.models import convert_legacy_state_dict
 
+    if "s_embedder.proj.weight" in state_dict:  # DDT's condition-encoder embedding
+        from repa.models.ddt import infer_ddt_architecture
+
+        return infer_ddt_architecture(state_dict)
     legacy_encoder_blocks = {int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")}
     if any(k.startswith("decoder_blocks.") for k in state_dict):
         state_dict = convert_legacy_state_dict(state_dict, align_depth=len(legacy_encoder_blocks))
@@ -253,6 +259,13 @@ def infer_model_name(architecture: dict) -> str:
     from repa.models import MODELS
 
     family = "LightningDiT-" if architecture.get("swiglu") or architecture.get("rmsnorm") else "SiT-"
+    if "ddt_encoder_depth" in architecture:  # DDT's keys (repa/models/ddt.py)
+        if architecture["ddt_encoder_depth"] is None:
+            raise ValueError(
+                f"no registered DDT has depth {architecture['depth']}, width "
+                f"{architecture['hidden_size']}: pass --model (the weights do not tell the split)"
+            )
+        family = "DDT-"
     matches = [
         name
         for name, defaults in MODELS.items()
@@ -260,6 +273,7 @@ def infer_model_name(architecture: dict) -> str:
         and defaults.get("depth") == architecture["depth"]
         and defaults.get("hidden_size") == architecture["hidden_size"]
         and defaults.get("patch_size") == architecture["patch_size"]
+        and defaults.get("ddt_encoder_depth", 0) == architecture.get("ddt_encoder_depth", 0)
     ]
     if len(matches) != 1:
         raise ValueError(
@@ -338,13 +352,17 @@ def load_generator(
         tokenizer_name, resolution=resolution or 256, weights=tokenizer_weights, stats=tokenizer_stats
     )
     if resolution is None:
-        resolution = architecture["input_size"] * tokenizer_module.downsample
+        # a DDT's weights carry no grid (RoPE only): 256 px, the size DDT-XL/2 was released at
+        grid_size = architecture.get("input_size", 256 // tokenizer_module.downsample)
+        resolution = grid_size * tokenizer_module.downsample
     latent_size = tokenizer_module.latent_size(resolution)
     if (
-        latent_size != architecture["input_size"]
+        latent_size != architecture.get("input_size", latent_size)
         or tokenizer_module.latent_channels != architecture["in_channels"]
     ):
-        expected = "x".join(str(architecture[k]) for k in ("in_channels", "input_size", "input_size"))
+        expected = "x".join(
+            str(architecture.get(k, latent_size)) for k in ("in_channels", "input_size", "input_size")
+        )
         raise ValueError(
             f"tokenizer '{tokenizer_name}' makes {tokenizer_module.latent_channels}x{latent_size}x"
             f"{latent_size} latents at {resolution}px, but the checkpoint expects {expected}: "
@@ -361,12 +379,14 @@ def load_generator(
         name = model or config.model.name
     else:
         name = model or hints.get("name") or infer_model_name(architecture)
-        overrides = dict(architecture)
+        # (a DDT's split is None when no registered size has its depth and width: --model tells it)
+        overrides = {"input_size": latent_size, **{k: v for k, v in architecture.items() if v is not None}}
         if "rope" in hints:
             overrides.setdefault("rope", hints["rope"])
         if num_heads is not None:
             overrides["num_heads"] = num_heads
-        overrides["reverse_time"] = name.startswith("LightningDiT-") if reverse_time is None else reverse_time
+        foreign = name.startswith(("LightningDiT-", "DDT-"))  # both trained with t=1 data
+        overrides["reverse_time"] = foreign if reverse_time is None else reverse_time
     if config is not None and reverse_time is not None:
         overrides["reverse_time"] = reverse_time
     sit = create_model(name, **overrides)

@@ -35,6 +35,7 @@ import torch
 
 from repa.eval.checkpoints import Generator
 from repa.eval.npz import iter_npz_rows, write_npz_streaming
+from repa.models.ddt_sharing import SHARE_SCHEDULES
 from repa.precision import CHOICES as PRECISION_CHOICES
 from repa.precision import resolve_precision
 from repa.utils.files import atomic_path, write_bytes_atomic
@@ -53,6 +54,10 @@ class SamplerSettings:
     cfg_scale: float = 1.8
     guidance_low: float = 0.0
     guidance_high: float = 0.7
+    # DDT encoder sharing (repa.models.ddt_sharing): the condition encoder runs at every k-th model
+    # evaluation ("uniform") or at DDT's statistical choice of as many ("dp"); 1: at every one.
+    ddt_share: int = 1
+    ddt_share_schedule: str = "uniform"
     # autocast for the model, the sampler state stays float32: auto | fp32 | bf16 | fp16
     # (repa.precision; REPA's published samples are fp32)
     precision: str = "auto"
@@ -70,6 +75,13 @@ class SamplerSettings:
             raise ValueError(f"precision {self.precision!r}: choose one of {', '.join(PRECISION_CHOICES)}")
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.ddt_share < 1:
+            raise ValueError(f"--ddt-share must be >= 1 (1: no sharing), got {self.ddt_share}")
+        if self.ddt_share_schedule not in SHARE_SCHEDULES:
+            raise ValueError(
+                f"--ddt-share-schedule {self.ddt_share_schedule!r} is not one of: "
+                f"{', '.join(SHARE_SCHEDULES)}"
+            )
 
     def resolved(self, device: torch.device | str | None = None) -> SamplerSettings:
         """These settings with `auto` replaced by the precision chosen for `device`, so that what
@@ -85,6 +97,8 @@ class SamplerSettings:
             del record["cfg_channels"]
         if record["time_shift"] == 1.0:  # likewise: records made before the shift existed match
             del record["time_shift"]
+        if record["ddt_share"] == 1:  # no sharing, whatever the schedule: records from before match
+            del record["ddt_share"], record["ddt_share_schedule"]
         return record
 
 
@@ -126,17 +140,23 @@ def generate_batch(
     seeds: list[int],
     settings: SamplerSettings,
     device: torch.device | str | None = None,
+    velocity_fn: Callable | None = None,
 ) -> torch.Tensor:
-    """uint8 images (B, 3, H, W) for these labels (B,) and per-sample seeds."""
+    """uint8 images (B, 3, H, W) for these labels (B,) and per-sample seeds.
+
+    velocity_fn: what the sampler calls (default: the model's velocity, or with --ddt-share a
+    DDT's encoder-sharing wrapper).
+    """
     from repa.transport import sample
 
     device = torch.device(device) if device is not None else next(generator.model.parameters()).device
     autocast_dtype = resolve_precision(settings.precision, device).autocast_dtype
+    velocity_fn = velocity_fn or ddt_sharing_velocity(generator, settings, device) or generator.model.velocity
     with torch.autocast(
         device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
     ):
         latents = sample(
-            generator.model.velocity,
+            velocity_fn,
             generator.latent_shape,
             labels.to(device),
             seeds,
@@ -152,6 +172,39 @@ def generate_batch(
             time_shift=settings.time_shift,
         )
     return generator.decode(latents)  # decoded in float32, rounded to uint8
+
+
+# DDT's template for the dp schedule: 8 samples of fixed seeds and classes (DDT: seed 0).
+DP_TEMPLATE_SIZE = 8
+_dp_schedules: dict = {}  # (id(model), settings record) -> refresh evaluations
+
+
+def ddt_sharing_velocity(generator: Generator, settings: SamplerSettings, device):
+    """A fresh EncoderSharing for one batch when settings.ddt_share > 1, else None.
+
+    The dp schedule is measured once per model and settings, on the template, and cached.
+    """
+    from repa.models.ddt_sharing import EncoderSharing, calibrate_dp_schedule
+
+    if settings.ddt_share == 1:
+        return None
+    model = generator.model
+    if not hasattr(model, "encode"):
+        raise ValueError("--ddt-share needs a DDT checkpoint (a model with --ddt-encoder-depth > 0)")
+    if settings.ddt_share_schedule == "uniform":
+        return EncoderSharing(model, settings.ddt_share)
+    key = (id(model), json.dumps(settings.to_dict(), sort_keys=True))
+    if key not in _dp_schedules:
+        template_classes = np.random.default_rng(0).integers(0, generator.num_classes, DP_TEMPLATE_SIZE)
+        labels = torch.from_numpy(template_classes)
+        seeds = list(range(DP_TEMPLATE_SIZE))
+        plain = dataclasses.replace(settings, ddt_share=1)
+
+        def run_template(recorder) -> None:
+            generate_batch(generator, labels, seeds, plain, device, velocity_fn=recorder)
+
+        _dp_schedules[key] = calibrate_dp_schedule(model, run_template, settings.ddt_share, DP_TEMPLATE_SIZE)
+    return EncoderSharing(model, _dp_schedules[key])
 
 
 def generate_indices(

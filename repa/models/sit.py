@@ -196,6 +196,9 @@ class SiTConfig:
     # Weights trained with t=1 data and v = x - e (LightningDiT's released models): the network is
     # fed 1 - t and its output negated, so forward/velocity keep our convention.
     reverse_time: bool = False
+    # DDT (repa/models/ddt.py): blocks 1..k form a condition encoder whose output conditions the
+    # remaining blocks, a velocity decoder, per token; 0 (default): a plain SiT.
+    ddt_encoder_depth: int = 0
 
     def __post_init__(self) -> None:
         if self.input_size % self.patch_size:
@@ -219,6 +222,10 @@ class SiTConfig:
                 f"--num-heads {self.num_heads} gives {head_dim}: change either, or drop --rope"
             )
         self.projector_out_dims = [int(d) for d in self.projector_out_dims]
+        if self.ddt_encoder_depth:
+            from repa.models.ddt import check_ddt_config
+
+            check_ddt_config(self)
         if self.num_classes < 0:
             raise ValueError(f"--num-classes must be >= 0 (0: no labels), got {self.num_classes}")
         self._check_cross_attention()
@@ -770,6 +777,17 @@ for _family, (_sizes, _patches, _family_defaults) in _FAMILIES.items():
             )
 
 
+# DDT (repa/models/ddt.py): DDT's block on the SiT sizes, blocks 1..k the condition encoder. XL's
+# 22 of 28 is the released DDT-XL/2 (22en6de); B's 8 of 12 and L's 20 of 24 are the DDT paper's.
+DDT_ENCODER_DEPTHS = {"B": 8, "L": 20, "XL": 22}
+for _size, _encoder_depth in DDT_ENCODER_DEPTHS.items():
+    for _patch in (1, 2):
+        _depth, _hidden, _heads = SIZES[_size]
+        register_model(f"DDT-{_size}/{_patch}", depth=_depth, hidden_size=_hidden, num_heads=_heads,
+                       patch_size=_patch, ddt_encoder_depth=_encoder_depth, swiglu=True, rmsnorm=True,
+                       rope=True, qk_norm=True)  # fmt: skip
+
+
 def list_models() -> list[str]:
     return list(MODELS)
 
@@ -791,4 +809,9 @@ def create_model(name: str, **overrides) -> SiT:
 
     Overrides are SiTConfig fields (input_size, in_channels, num_classes, align_depth, ...).
     """
-    return SiT(config_for(name, **overrides))
+    config = config_for(name, **overrides)
+    if config.ddt_encoder_depth:
+        from repa.models.ddt import DDT
+
+        return DDT(config)
+    return SiT(config)
