@@ -59,6 +59,29 @@ def is_complete(path: Path) -> bool:
     return (path / COMPLETE).is_file()
 
 
+# A tokenizer that training changed is saved inside each checkpoint (REPA-E exports its jointly
+# trained VAE, with the latent statistics of the EMA model's BatchNorm): samples of that
+# checkpoint decode with it.
+TRAINED_TOKENIZER = "e2e-vae.pt"
+TRAINED_TOKENIZER_STATS = "e2e-vae-latents-stats.pt"
+
+
+def decode_tokenizer(config: dict, checkpoint_dir: Path | None) -> dict:
+    """What decodes a checkpoint's samples, from its config (ExperimentConfig.to_dict()): the run's
+    --decode-tokenizer when set, else the tokenizer the training latents came from, which is the
+    checkpoint's own trained VAE when it holds one. {"tokenizer", "weights", "stats",
+    "in_checkpoint"}: with in_checkpoint, tokenizer and stats are file names in the checkpoint (the
+    file names the architecture and holds the weights)."""
+    section = config.get("tokenizer") or {}
+    chosen = section.get("decode_tokenizer") or section.get("tokenizer")
+    trained = checkpoint_dir is not None and (checkpoint_dir / TRAINED_TOKENIZER).is_file()
+    if trained and not section.get("decode_tokenizer"):
+        return {"tokenizer": TRAINED_TOKENIZER, "weights": None, "stats": TRAINED_TOKENIZER_STATS,
+                "in_checkpoint": True}  # fmt: skip
+    return {"tokenizer": chosen, "weights": section.get("tokenizer_weights"),
+            "stats": section.get("tokenizer_stats"), "in_checkpoint": False}  # fmt: skip
+
+
 def list_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
     """Committed checkpoints as (step, path), oldest first. Incomplete folders are ignored."""
     if not checkpoints_dir.is_dir():

@@ -578,10 +578,10 @@ def test_lpips_legacy_rescale_matches_the_published_formula():
 
 
 def test_repae_starts_from_the_pretrained_discriminator_with_its_bn_momentum(
-    shards,
-    encoder_file,
-    vae_file,
-    tmp_path,  # noqa: F811
+    shards,  # noqa: F811
+    encoder_file,  # noqa: F811
+    vae_file,  # noqa: F811
+    tmp_path,
 ):
     from repa.tokenizers.losses import NLayerDiscriminator
     from repa.train.methods.base import MethodContext
@@ -601,3 +601,43 @@ def test_repae_starts_from_the_pretrained_discriminator_with_its_bn_momentum(
     loaded = method.vae_loss.discriminator.state_dict()
     for key, value in pretrained.state_dict().items():
         assert torch.equal(loaded[key], value), key
+
+
+# ---- decoding with the tokenizer the training latents came from -------------------------------
+
+
+def test_decode_tokenizer_record(tmp_path):
+    from repa.runs import decode_tokenizer
+
+    mse = {"tokenizer": {"tokenizer": "sd-vae-ft-mse", "tokenizer_weights": "w.pt", "tokenizer_stats": None}}
+    assert decode_tokenizer(mse, tmp_path) == {
+        "tokenizer": "sd-vae-ft-mse", "weights": "w.pt", "stats": None, "in_checkpoint": False
+    }  # fmt: skip
+    repa_pairing = {"tokenizer": {"tokenizer": "sd-vae-ft-mse", "decode_tokenizer": "sd-vae-ft-ema"}}
+    assert decode_tokenizer(repa_pairing, tmp_path)["tokenizer"] == "sd-vae-ft-ema"
+    (tmp_path / "e2e-vae.pt").write_bytes(b"")  # a checkpoint holding its own trained VAE
+    assert decode_tokenizer({"tokenizer": {"tokenizer": "f8d4"}}, tmp_path)["in_checkpoint"]
+
+
+def test_repae_samples_decode_with_the_checkpoints_own_vae(shards, encoder_file, vae_file, tmp_path):  # noqa: F811
+    """A REPA-E checkpoint's ema.safetensors names its exported VAE, and repa sample decodes with
+    it, not with the VAE the run started from."""
+    from safetensors import safe_open
+
+    from repa.eval.checkpoints import load_generator
+    from repa.tokenizers import create_tokenizer
+    from repa.train.loop import train
+
+    config = repae_config(shards, encoder_file, vae_file, tmp_path, max_train_steps=1, checkpointing_steps=1)
+    result = train(config)
+    last = result.run_dir / "checkpoints" / "step-00000001"
+    with safe_open(str(last / "ema.safetensors"), "pt") as handle:
+        record = json.loads(handle.metadata()["decode_tokenizer"])
+    assert record == {"tokenizer": "e2e-vae.pt", "weights": None, "stats": "e2e-vae-latents-stats.pt",
+                      "in_checkpoint": True}  # fmt: skip
+    generator = load_generator(result.run_dir)
+    trained = create_tokenizer(str(last / "e2e-vae.pt")).state_dict()
+    initial = create_tokenizer(vae_file).state_dict()
+    decoder = generator.tokenizer.state_dict()
+    assert all(torch.equal(decoder[k], v) for k, v in trained.items())
+    assert any(not torch.equal(decoder[k], v) for k, v in initial.items())  # the VAE did train

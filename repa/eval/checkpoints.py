@@ -41,6 +41,7 @@ import torch
 
 from repa.runs import (
     COMPLETE,
+    decode_tokenizer,
     is_complete,
     latest_checkpoint,
     list_checkpoints,
@@ -332,9 +333,14 @@ def load_generator(
         from repa.config import ExperimentConfig
 
         config = ExperimentConfig.from_dict(config_dict)
-        tokenizer_name = tokenizer or config.tokenizer.decode_tokenizer or config.tokenizer.tokenizer
-        tokenizer_weights = tokenizer_weights or (None if tokenizer else config.tokenizer.tokenizer_weights)
-        tokenizer_stats = tokenizer_stats or (None if tokenizer else config.tokenizer.tokenizer_stats)
+        # the tokenizer the training latents came from (a REPA-E checkpoint's own VAE), unless told
+        decoder = decode_tokenizer(config.to_dict(), weights_path.parent)
+        if decoder["in_checkpoint"]:
+            decoder["tokenizer"] = str(weights_path.parent / decoder["tokenizer"])
+            decoder["stats"] = str(weights_path.parent / decoder["stats"])
+        tokenizer_name = tokenizer or decoder["tokenizer"]
+        tokenizer_weights = tokenizer_weights or (None if tokenizer else decoder["weights"])
+        tokenizer_stats = tokenizer_stats or (None if tokenizer else decoder["stats"])
         resolution = config.data.resolution
         path_type = path_type or config.transport.path_type
     else:
@@ -345,7 +351,8 @@ def load_generator(
             )
         tokenizer_name, resolution = tokenizer, None
 
-    for file in (tokenizer_weights, tokenizer_stats):  # e.g. a checkpoint's e2e-vae.pt (REPA-E)
+    # e.g. a checkpoint's e2e-vae.pt (REPA-E), which decodes its samples: checked before use
+    for file in (tokenizer_name, tokenizer_weights, tokenizer_stats):
         if file and Path(file).is_file():
             verify_checkpoint_file(Path(file))
     tokenizer_module = create_tokenizer(

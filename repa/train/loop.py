@@ -414,8 +414,13 @@ def _train(config: ExperimentConfig, cleanup: contextlib.ExitStack) -> TrainResu
             )
             method.export(ema.model, staging)
             ema_state = {k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}
+            from repa.runs import decode_tokenizer
+
+            # what decodes these samples travels with the weights (a copied ema.safetensors too)
+            decoder = decode_tokenizer(config.to_dict(), staging)
+            metadata = {"config": json.dumps(config.to_dict()), "decode_tokenizer": json.dumps(decoder)}
             checksums["ema.safetensors"] = ckpt.save_safetensors(
-                ema_state, staging / "ema.safetensors", metadata={"config": json.dumps(config.to_dict())}
+                ema_state, staging / "ema.safetensors", metadata=metadata
             )
         rng_state = ckpt.capture_rng_state()
         rng_state["data"] = {"batches_seen": stream.batches_seen, "num_skipped": stream.num_skipped}

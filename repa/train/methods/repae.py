@@ -230,13 +230,14 @@ class REPAEMethod(DenoisingMethod):
     def export(self, ema_model: nn.Module, directory: Path) -> None:
         """REPA-E's deliverable: the trained VAE and its latent statistics read from the EMA
         model's BatchNorm, in the layout `--tokenizer PATH` (LDM-only training, sampling) loads."""
+        from repa.runs import TRAINED_TOKENIZER, TRAINED_TOKENIZER_STATS
         from repa.tokenizers import save_latent_stats
 
         weights = {
             k: v.detach().cpu().contiguous() for k, v in self.tokenizer.autoencoder_state_dict().items()
         }
-        torch.save(weights, directory / "e2e-vae.pt")
+        torch.save(weights, directory / TRAINED_TOKENIZER)  # samples of the checkpoint decode with it
         bn = ema_model.bn
         save_latent_stats(
-            directory / "e2e-vae-latents-stats.pt", bn.running_mean, torch.sqrt(bn.running_var + bn.eps)
+            directory / TRAINED_TOKENIZER_STATS, bn.running_mean, torch.sqrt(bn.running_var + bn.eps)
         )
