@@ -641,3 +641,11 @@ def test_repae_samples_decode_with_the_checkpoints_own_vae(shards, encoder_file,
     decoder = generator.tokenizer.state_dict()
     assert all(torch.equal(decoder[k], v) for k, v in trained.items())
     assert any(not torch.equal(decoder[k], v) for k, v in initial.items())  # the VAE did train
+
+
+def test_previews_and_eval_every_sample_with_the_models_time_shift():
+    from repa.config import ExperimentConfig
+    from repa.train.loop import _sampler_for
+
+    config = ExperimentConfig.from_dict({"transport": {"time_shift": 3.0}})
+    assert _sampler_for(config, 10, 1.0).time_shift == 3.0
