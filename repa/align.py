@@ -77,3 +77,74 @@ def alignment_loss(
             z = resample_tokens(z, h.shape[1])
         cosines.append(token_cosine(h, z).mean())
     return -torch.stack(cosines).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Target options and the other representation objectives (docs/objectives.md)
+
+
+def spatial_zscore(tokens: torch.Tensor, gamma: float = 0.6, eps: float = 1e-6) -> torch.Tensor:
+    """iREPA's spatial normalisation of target tokens, (B, T, D) -> (B, T, D):
+    (z - gamma * mean_T z) / (std_T z + eps), statistics over the tokens of each image and
+    channel. std is the unbiased one (torch's default, as iREPA's code)."""
+    tokens = tokens.float()
+    mean = tokens.mean(dim=1, keepdim=True)
+    std = tokens.std(dim=1, keepdim=True)
+    return (tokens - gamma * mean) / (std + eps)
+
+
+def derangement(keys: torch.Tensor) -> torch.Tensor:
+    """(B,) random keys -> (B,) indices `source` with source[i] != i for B > 1: the samples,
+    ordered by their keys, each take the next one's (a single random cycle). Applied as
+    tokens[source], every sample aligns to another sample's tokens (the control arm)."""
+    order = keys.argsort()
+    source = torch.empty_like(order)
+    source[order] = order.roll(-1)
+    return source
+
+
+def gather_differentiable(x: torch.Tensor) -> torch.Tensor:
+    """(B, ...) on each process -> (world * B, ...), rank order, with gradient: the backward pass
+    returns to each process the gradient of every process's use of its samples (summed). One
+    process (or no process group): x itself."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+def dispersive_loss(hidden: torch.Tensor, temperature: float = 1.0, gather: bool = True) -> torch.Tensor:
+    """The dispersive loss (InfoNCE's repulsive half) of hidden states (B, T, D), as the DDT code:
+    each sample's flattened state L2-normalised, squared distances d_ij over all pairs i < j of the
+    batch (the global one across processes when `gather`, through a differentiable gather),
+    L = log(mean_{i<j} exp(-d_ij / temperature) + 1e-5). Needs >= 2 samples in all."""
+    flat = F.normalize(hidden.float().flatten(1), dim=-1)  # (B, T*D)
+    if gather:
+        flat = gather_differentiable(flat)  # (world * B, T*D)
+    if flat.shape[0] < 2:
+        raise ValueError("the dispersive loss needs at least 2 samples per micro-batch (all processes)")
+    squared = torch.pdist(flat).square()  # (B (B-1) / 2,) pairs i < j
+    return torch.log(torch.exp(-squared / temperature).mean() + 1e-5)
+
+
+SRA_COSINES = ("per-token", "token-axis")
+
+
+def self_alignment_loss(
+    student: torch.Tensor, teacher: torch.Tensor, form: str = "per-token"
+) -> torch.Tensor:
+    """SRA's 1 - cosine between the student's head output and the teacher's block output, both
+    (B, T, D). per-token: cosine over the D features of each token, mean over tokens and batch.
+    token-axis: SRA's published code (cosine_similarity with its default dim=1 on (B, T, D)):
+    cosine over the T tokens of each feature channel (its spatial pattern), mean over channels
+    and batch."""
+    if student.shape != teacher.shape:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ in shape")
+    if form not in SRA_COSINES:
+        raise ValueError(f"SRA cosine form {form!r} is not one of: {', '.join(SRA_COSINES)}")
+    dim = -1 if form == "per-token" else 1
+    cosine = F.cosine_similarity(student.float(), teacher.float(), dim=dim)  # (B, T) or (B, D)
+    return (1 - cosine).mean()

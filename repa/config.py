@@ -61,6 +61,10 @@ Logger = Literal["wandb", "tensorboard"]  # repa.train.logging
 EvalMetric = Literal["fid", "sfid", "is", "prc", "fd-dinov2", "fd"]  # repa.eval.metrics.METRICS
 WandbMode = Literal["online", "offline"]
 AdaLNMode = Literal["block", "single"]  # repa.models.sit.ADALN_MODES
+AlignTarget = Literal["encoder", "shuffled"]
+ProjectorKind = Literal["mlp", "conv"]
+TargetNorm = Literal["none", "zscore"]
+SRACosine = Literal["per-token", "token-axis"]  # repa.align.SRA_COSINES
 
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 TIME_SAMPLER_NAMES: tuple[str, ...] = get_args(TimeSamplerName)
@@ -271,6 +275,75 @@ class TransportOptions(_Section):
 
 
 @dataclass
+class ObjectiveOptions(_Section):
+    """Representation objectives beside (or instead of) REPA's: docs/objectives.md."""
+
+    cos_loss_weight: float = option(
+        0.0, "weight of LightningDiT's velocity-direction term 1 - cos(v_pred, v) over channels (its: 1)"
+    )
+    align_target: AlignTarget = option(
+        "encoder",
+        "encoder: each sample aligns to its own encoder tokens; shuffled (control arm): to another "
+        "sample's tokens of the micro-batch (a seeded random cycle)",
+    )
+    align_until_step: int = option(
+        0,
+        "HASTE: end every alignment term (encoder and SRA) after this many steps, with no encoder "
+        "forward after it; a run resumed there builds no encoder (0: never; HASTE: 250000)",
+    )
+    projector: ProjectorKind = option(
+        "mlp", "alignment projector: mlp (REPA's, in the model) | conv (iREPA's, one conv on the token grid)"
+    )
+    projector_kernel: int = option(3, "kernel size of the conv projector (iREPA's README: 3)")
+    target_norm: TargetNorm = option(
+        "none", "normalisation of the target tokens: zscore = iREPA's spatial z-score over the tokens"
+    )
+    target_norm_gamma: float = option(
+        0.6,
+        "iREPA's z-score: the share of the token mean subtracted (its latent-SiT code: 0.6; its JiT "
+        "pixel code: 0.8)",
+    )
+    dispersive_weight: float = option(
+        0.0, "weight of the dispersive loss on a block's hidden state (0: off; DDT's code: 0.5)"
+    )
+    dispersive_temperature: float = option(1.0, "dispersive loss temperature (DDT's code: 1.0)")
+    dispersive_depth: int = option(
+        0, "block (1-based) whose output the dispersive loss spreads (0: --align-depth)"
+    )
+    sra_weight: float = option(0.5, "--method sra: weight of the self-alignment term (SRA's cos: 0.5)")
+    sra_t_max: float = option(
+        0.2, "--method sra: the teacher sees t - sra_t_max * U(0,1), clamped to [0, 1] (less noise)"
+    )
+    sra_student_depth: int = option(8, "--method sra: student block (1-based; SRA for XL: 8)")
+    sra_teacher_depth: int = option(20, "--method sra: EMA teacher block (1-based; SRA for XL: 20)")
+    sra_cosine: SRACosine = option(
+        "per-token",
+        "--method sra: per-token cosine over features, or token-axis (SRA's code: each channel's "
+        "spatial pattern)",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("cos_loss_weight", "dispersive_weight", "sra_weight", "target_norm_gamma"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.align_until_step < 0:
+            raise ValueError(f"--align-until-step must be >= 0 (0: never), got {self.align_until_step}")
+        if self.projector_kernel < 1 or self.projector_kernel % 2 == 0:
+            raise ValueError(f"--projector-kernel must be odd and >= 1, got {self.projector_kernel}")
+        if not self.dispersive_temperature > 0:
+            raise ValueError(f"--dispersive-temperature must be > 0, got {self.dispersive_temperature}")
+        if self.dispersive_depth < 0:
+            raise ValueError(
+                f"--dispersive-depth must be >= 0 (0: --align-depth), got {self.dispersive_depth}"
+            )
+        if not 0 < self.sra_t_max <= 1:
+            raise ValueError(f"--sra-t-max must be in (0, 1], got {self.sra_t_max}")
+        if self.sra_student_depth < 1 or self.sra_teacher_depth < 1:
+            raise ValueError("--sra-student-depth and --sra-teacher-depth count blocks from 1")
+
+
+@dataclass
 class OptimOptions(_Section):
     learning_rate: float = option(1e-4, "AdamW learning rate", aliases=("--lr",))
     adam_beta1: float = option(0.9, "AdamW beta1")
@@ -419,6 +492,7 @@ SECTIONS: dict[str, type] = {
     "tokenizer": TokenizerOptions,
     "encoder": EncoderOptions,
     "transport": TransportOptions,
+    "objective": ObjectiveOptions,
     "optim": OptimOptions,
     "vae": VAEOptions,
     "run": RunOptions,
@@ -432,6 +506,7 @@ class ExperimentConfig:
     tokenizer: TokenizerOptions = field(default_factory=TokenizerOptions)
     encoder: EncoderOptions = field(default_factory=EncoderOptions)
     transport: TransportOptions = field(default_factory=TransportOptions)
+    objective: ObjectiveOptions = field(default_factory=ObjectiveOptions)
     optim: OptimOptions = field(default_factory=OptimOptions)
     vae: VAEOptions = field(default_factory=VAEOptions)
     run: RunOptions = field(default_factory=RunOptions)
@@ -478,7 +553,8 @@ class ExperimentConfig:
             tread_ratio=self.model.tread_ratio,
             tread_start=self.model.tread_start,
             tread_end=self.model.tread_end,
-            projector_out_dims=list(projector_dims),
+            # iREPA's conv projector belongs to the method (repa/train/methods/denoising.py), not the model
+            projector_out_dims=list(projector_dims) if self.objective.projector == "mlp" else [],
             in_channels=in_channels,
         )
         if input_size is not None:

@@ -122,6 +122,10 @@ FIXED_SETS = [
     ("--wandb-mode", "run", "wandb_mode", "disabled", "disabled", "online, offline"),
     ("--report-to", "run", "report_to", "wandb,mlflow", "mlflow", "wandb, tensorboard"),
     ("--eval-metrics", "run", "eval_metrics", "fid, kid", "kid", "fid, sfid, is, prc, fd-dinov2, fd"),
+    ("--align-target", "objective", "align_target", "random", "random", "encoder, shuffled"),
+    ("--projector", "objective", "projector", "linear", "linear", "mlp, conv"),
+    ("--target-norm", "objective", "target_norm", "layernorm", "layernorm", "none, zscore"),
+    ("--sra-cosine", "objective", "sra_cosine", "per-channel", "per-channel", "per-token, token-axis"),
 ]
 FIXED_IDS = [case[0] for case in FIXED_SETS]
 

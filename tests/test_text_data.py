@@ -312,3 +312,46 @@ def test_packaged_minilm_is_a_real_pretrained_encoder():
     pooled = (embeddings * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # its mean pooling
     pooled = torch.nn.functional.normalize(pooled, dim=-1)
     assert pooled[0] @ pooled[1] > pooled[0] @ pooled[2] + 0.3
+
+
+def test_clip_text_features_are_u_vits_run_without_the_mask(tmp_path):
+    """clip-l through the real transformers path on a tiny random CLIP text tower: the last hidden
+    state of the model run on the padded ids alone (U-ViT's features, REPA's COCO setting), with
+    the tokenizer's mask covering start, caption and end tokens."""
+    from repa.text import create_text_encoder
+
+    words = ["a", "red", "circle", "blue", "square"]
+    vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}
+    vocab.update({f"{c}</w>": len(vocab) + i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")})
+    merges = ["#version: 0.2"]
+    for word in words[1:]:  # BPE merges that build each word from its letters
+        parts = [*word[:-1], word[-1] + "</w>"]
+        while len(parts) > 1:
+            merges.append(f"{parts[0]} {parts[1]}")
+            vocab.setdefault(parts[0] + parts[1], len(vocab))
+            parts = [parts[0] + parts[1], *parts[2:]]
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("\n".join(merges) + "\n")
+    tokenizer = transformers.CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    tokenizer.save_pretrained(tmp_path)
+    config = transformers.CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=16, bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.CLIPTextModel(config).save_pretrained(tmp_path)
+
+    encoder = create_text_encoder("clip-l", weights=str(tmp_path), max_length=8)
+    embeddings, mask = encoder.encode(["a red circle", "blue square"])
+    assert mask.tolist() == [[True] * 5 + [False] * 3, [True] * 4 + [False] * 4]
+    ids = tokenizer(["a red circle", "blue square"], padding="max_length", max_length=8, return_tensors="pt")
+    words_ids = [vocab[f"{word}</w>"] for word in ("a", "red", "circle")]
+    assert ids["input_ids"][0, :5].tolist() == [vocab["<|startoftext|>"], *words_ids, vocab["<|endoftext|>"]]
+    model = transformers.CLIPTextModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        unmasked = model(input_ids=ids["input_ids"]).last_hidden_state
+        masked = model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).last_hidden_state
+    torch.testing.assert_close(embeddings, unmasked)
+    assert not torch.allclose(embeddings[1, 4:], masked[1, 4:])  # padding rows differ under a mask

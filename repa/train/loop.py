@@ -30,6 +30,7 @@ import torch
 
 from repa.config import ExperimentConfig, save_config
 from repa.precision import PrecisionChoice, resolve_precision
+from repa.runs import read_record
 from repa.train import checkpoint as ckpt
 from repa.train.distributed import check_shared_run_dir, process_group_timeout
 from repa.train.ema import EMA
@@ -243,15 +244,7 @@ def _train(config: ExperimentConfig, cleanup: contextlib.ExitStack) -> TrainResu
         (run_dir / "environment.json").write_text(json.dumps(_environment(world, precision), indent=1))
     accelerator.wait_for_everyone()
 
-    torch.manual_seed(derive_seed(config.run.seed, 0, -1))  # identical initial weights on every rank
-    tokenizer, encoders, model = build_parts(config, device, method_class.model_options)
-    method = method_class.build(MethodContext(config, tokenizer, encoders, model, device, world))
-    ema = EMA(model, decay=config.optim.ema_decay)
-    groups = method.groups()
-    # fp16 needs loss scaling; one scaler serves every group (PyTorch's multi-optimiser recipe)
-    scaler = torch.amp.GradScaler(device.type) if precision.name == "fp16" else None
-
-    # --- resume -----------------------------------------------------------------------------
+    # --- resume: which checkpoint (before the parts: a method may need fewer of them later) ---
     step, nonfinite_total = 0, 0
     data_state: dict = {}  # this rank's stream counters at the checkpoint
     # The main process verifies the checkpoint (a full read of every file) and tells the others
@@ -267,6 +260,21 @@ def _train(config: ExperimentConfig, cleanup: contextlib.ExitStack) -> TrainResu
     if isinstance(picked[0], Exception):
         raise picked[0]
     resume_from = picked[0]
+    start_step = 0 if resume_from is None else int(read_record(resume_from)["step"])
+
+    torch.manual_seed(derive_seed(config.run.seed, 0, -1))  # identical initial weights on every rank
+    tokenizer, encoders, model = build_parts(
+        config, device, method_class.model_options, method_class.needs_encoders(config, start_step)
+    )
+    ema = EMA(model, decay=config.optim.ema_decay)  # before the method, which may read it (SRA)
+    method = method_class.build(
+        MethodContext(config, tokenizer, encoders, model, device, world, ema.model, start_step)
+    )
+    ema.copy_from(model)  # the average starts from the model as the method left it (REPA-E's BatchNorm)
+    groups = method.groups()
+    # fp16 needs loss scaling; one scaler serves every group (PyTorch's multi-optimiser recipe)
+    scaler = torch.amp.GradScaler(device.type) if precision.name == "fp16" else None
+
     if resume_from is not None:
         from safetensors.torch import load_file
 

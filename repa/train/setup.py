@@ -13,10 +13,18 @@ import torch
 from repa.config import ExperimentConfig
 
 
-def build_parts(config: ExperimentConfig, device: torch.device, model_options: dict | None = None):
+def build_parts(
+    config: ExperimentConfig,
+    device: torch.device,
+    model_options: dict | None = None,
+    with_encoders: bool = True,
+):
     """Tokenizer, frozen encoders and the SiT, with every compatibility check done before the
     SiT is built (token counts, latent sizes). `model_options`: what the training method needs
-    of the model (e.g. REPA-E's latent BatchNorm). Returns (tokenizer, encoders, model)."""
+    of the model (e.g. REPA-E's latent BatchNorm). with_encoders=False (a method that no longer
+    aligns, TrainingMethod.needs_encoders): no encoder is built and the list is empty, but the
+    SiT keeps projectors of the encoders' widths, so that the run's checkpoints load.
+    Returns (tokenizer, encoders, model)."""
     from repa.encoders import create_encoders
     from repa.models import create_model
     from repa.tokenizers import create_tokenizer
@@ -30,7 +38,7 @@ def build_parts(config: ExperimentConfig, device: torch.device, model_options: d
     )
     latent_size = tokenizer.latent_size(resolution)
     encoders = []
-    if config.encoder.enabled:
+    if config.encoder.enabled and with_encoders:
         encoders = create_encoders(
             config.encoder.encoder,
             resolution=resolution,
@@ -40,7 +48,7 @@ def build_parts(config: ExperimentConfig, device: torch.device, model_options: d
     model_config_overrides = config.model_overrides(
         input_size=latent_size,
         in_channels=tokenizer.latent_channels,
-        projector_dims=[encoder.dim for encoder in encoders],
+        projector_dims=[encoder.dim for encoder in encoders] if encoders else encoder_widths(config),
     )
     model_config_overrides.update(model_options or {})
     from repa.models import config_for
@@ -60,6 +68,26 @@ def build_parts(config: ExperimentConfig, device: torch.device, model_options: d
     for encoder in encoders:
         encoder.to(device)
     return tokenizer, encoders, model.to(device)
+
+
+def encoder_widths(config: ExperimentConfig) -> list[int]:
+    """The token width of each --encoder without building it: a registered encoder's declared
+    width, or a local encoder file's, read off its position table (no weights loaded)."""
+    from repa.encoders import get_encoder_spec
+    from repa.encoders.registry import is_local_encoder_path
+
+    if not config.encoder.enabled:
+        return []
+    widths = []
+    for name in (part.strip() for part in config.encoder.encoder.split(",")):
+        if is_local_encoder_path(name):
+            from safetensors import safe_open
+
+            with safe_open(name, framework="pt") as weights:
+                widths.append(int(weights.get_slice("pos_embed").get_shape()[-1]))
+        else:
+            widths.append(get_encoder_spec(name.split(":")[0]).dim)  # NAME:random keeps NAME's width
+    return widths
 
 
 def read_shard_manifest(config: ExperimentConfig) -> dict:

@@ -4,6 +4,7 @@ In one function (`sample_training_inputs`, drawing from one generator):
 
     t, noise, x_t, target_velocity = sample_training_inputs(latents, path, time_sampler)
     loss = denoising_loss(model(x_t, t, labels), target_velocity).mean()
+    # + w * velocity_direction_loss(...).mean() with --cos-loss-weight w (LightningDiT: 1)
 
 The training loop draws t and noise itself, per name for the whole step (repa/train/randomness.py),
 and then calls `interpolate` and `denoising_loss` (repa/train/methods/denoising.py).
@@ -107,6 +108,20 @@ def denoising_loss(pred_velocity: Tensor, target_velocity: Tensor) -> Tensor:
         )
     squared_error = (pred_velocity.float() - target_velocity.float()).square()
     return squared_error.flatten(1).mean(dim=1)
+
+
+def velocity_direction_loss(pred_velocity: Tensor, target_velocity: Tensor) -> Tensor:
+    """LightningDiT's velocity-direction term, per sample (B,): 1 - cos between predicted and
+    target velocity over the channels at each pixel, averaged over the pixels (its
+    `use_cosine_loss`, added to the squared error with weight 1). Unchanged by the time
+    convention (both velocities flip sign together). float32, as `denoising_loss`."""
+    if pred_velocity.shape != target_velocity.shape:
+        raise ValueError(
+            f"prediction {tuple(pred_velocity.shape)} and target {tuple(target_velocity.shape)} "
+            "must have the same shape"
+        )
+    cosine = torch.nn.functional.cosine_similarity(pred_velocity.float(), target_velocity.float(), dim=1)
+    return (1 - cosine).flatten(1).mean(dim=1)  # cosine: (B, H, W)
 
 
 class TrainingInputs(NamedTuple):

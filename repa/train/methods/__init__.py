@@ -6,6 +6,9 @@
   ldm    repa on a frozen VAE with fixed latent statistics             denoising.py
          (e.g. an exported E2E-VAE and its latents-stats file)
   repa-e REPA-E: the VAE trained end to end through the alignment loss repae.py
+  dispersive  sit (or repa, with --encoder) + the dispersive loss      denoising.py
+  sra    SRA: self-alignment to the EMA model at a lower noise level    sra.py
+         (objective options of any of these: docs/objectives.md)
 
 Adding a method is a class (repa.train.methods.base.TrainingMethod) and one `register_method`
 call; no file of the loop changes. This module imports no torch, so that `--method` can be
@@ -22,6 +25,8 @@ _REGISTRY: dict[str, object] = {
     "repa": "repa.train.methods.denoising:DenoisingMethod",
     "ldm": "repa.train.methods.denoising:DenoisingMethod",
     "repa-e": "repa.train.methods.repae:REPAEMethod",
+    "dispersive": "repa.train.methods.denoising:DenoisingMethod",
+    "sra": "repa.train.methods.sra:SRAMethod",
 }
 
 

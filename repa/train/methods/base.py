@@ -63,6 +63,10 @@ class MethodContext:
     model: nn.Module  # the diffusion model, unwrapped (the loop wraps it for DDP / compile)
     device: torch.device
     world_size: int = 1
+    # the EMA of `model` (frozen, eval mode; the loop moves it after each step and restores it on
+    # resume): a method may read it, e.g. as a teacher (SRA). None where there is no EMA.
+    ema_model: nn.Module | None = None
+    start_step: int = 0  # the step the run starts from (a resumed checkpoint's step, else 0)
 
 
 class TrainingMethod(abc.ABC):
@@ -74,6 +78,14 @@ class TrainingMethod(abc.ABC):
     @classmethod  # noqa: B027 (optional hook)
     def check_config(cls, config: ExperimentConfig) -> None:
         """Raise ValueError for a config this method cannot train (no weights or data needed)."""
+
+    @classmethod
+    def needs_encoders(cls, config: ExperimentConfig, start_step: int) -> bool:
+        """Whether a run starting at `start_step` runs the frozen encoders (default: whenever
+        --encoder is set). When False the loop builds none (the model keeps its projectors, sized
+        from the encoders' declared widths, so its checkpoints still load) and the context's
+        encoders are empty."""
+        return config.encoder.enabled
 
     @classmethod
     @abc.abstractmethod

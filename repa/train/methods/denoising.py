@@ -1,23 +1,37 @@
 """sit / repa / ldm: loss = mean denoising loss + proj_coeff * alignment loss, one group (the SiT).
 
 The three differ only in whether there are encoders and in which tokenizer and latent
-normalisation are configured; the arithmetic is the same.
+normalisation are configured; the arithmetic is the same. The objective options
+(docs/objectives.md) add terms to it: LightningDiT's velocity-direction term, the dispersive loss
+(--method dispersive), iREPA's conv projector and target z-score, shuffled targets (control),
+HASTE's end of alignment; SRA (sra.py) adds its self-alignment through `extra_terms`. Modules
+used only in training (conv projectors, SRA's head) form a second group, "heads".
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from repa.align import alignment_loss, resample_tokens, token_cosine
-from repa.config import ExperimentConfig
+from repa.align import (
+    alignment_loss,
+    derangement,
+    dispersive_loss,
+    resample_tokens,
+    spatial_zscore,
+    token_cosine,
+)
+from repa.config import ExperimentConfig, ObjectiveOptions
 from repa.models.tread import gather_tokens
 from repa.train.methods.base import GroupLoss, MethodContext, ParamGroup, TrainingMethod
+from repa.train.methods.objectives import BlockTaps, check_objectives, heads_group
 from repa.train.optim import adamw, lr_at
 from repa.train.randomness import StepNoise
 from repa.transport import create_time_sampler, denoising_loss, interpolate
+from repa.transport.objective import velocity_direction_loss
 
 
 def model_group(context: MethodContext) -> ParamGroup:
@@ -72,6 +86,10 @@ class DenoisingMethod(TrainingMethod):
         resample_targets: bool = False,
         label_dropout: float = 0.0,
         routed_tokens: int = 0,
+        *,
+        objective: ObjectiveOptions | None = None,  # docs/objectives.md; None: all off
+        align_depth: int = 8,
+        start_step: int = 0,
     ):
         self.tokenizer = tokenizer
         self.encoders = list(encoders)
@@ -82,6 +100,14 @@ class DenoisingMethod(TrainingMethod):
         self.resample_targets = resample_targets  # interpolate encoder tokens to the model's grid
         self.label_dropout = label_dropout  # classifier-free guidance training
         self.routed_tokens = routed_tokens  # TREAD: the model's token count when it routes, else 0
+        self.objective = objective if objective is not None else ObjectiveOptions()
+        self.align_depth = align_depth
+        self.step = start_step  # steps finished (HASTE's --align-until-step counts them)
+        self.taps: BlockTaps | None = None  # hooks on the blocks whose outputs a term reads
+        self.conv_projectors: nn.ModuleList | None = None  # iREPA, one per encoder
+        self.heads_group: ParamGroup | None = None
+        # this micro-batch's terms of the heads' loss, each computed again from detached inputs
+        self._head_terms: list[Callable[[], torch.Tensor]] = []
 
     @classmethod
     def check_config(cls, config: ExperimentConfig) -> None:
@@ -89,6 +115,15 @@ class DenoisingMethod(TrainingMethod):
             raise ValueError("--method repa aligns to an encoder: set --encoder (e.g. dinov2-b), or use sit")
         if config.method == "sit" and config.encoder.enabled:
             raise ValueError("--method sit trains without alignment: use --encoder none, or --method repa")
+        if config.method == "dispersive" and not config.objective.dispersive_weight > 0:
+            raise ValueError("--method dispersive needs --dispersive-weight > 0 (the DDT code's: 0.5)")
+        check_objectives(config, config.method)
+
+    @classmethod
+    def needs_encoders(cls, config: ExperimentConfig, start_step: int) -> bool:
+        """HASTE: a run that starts at or past --align-until-step never aligns again."""
+        until = config.objective.align_until_step
+        return config.encoder.enabled and not (until and start_step >= until)
 
     @classmethod
     def build(cls, context: MethodContext, **extra) -> DenoisingMethod:
@@ -104,11 +139,75 @@ class DenoisingMethod(TrainingMethod):
             resample_targets=config.model.align_resample,
             label_dropout=config.model.class_dropout_prob,
             routed_tokens=context.model.config.num_tokens if config.model.tread_ratio > 0 else 0,
+            objective=config.objective,
+            align_depth=config.model.align_depth,
+            start_step=context.start_step,
             **extra,
-        )
+        )._with_objectives(context)
+
+    def _with_objectives(self, context: MethodContext) -> DenoisingMethod:
+        """The taps and training-only heads the objective options need. Returns self."""
+        objective = self.objective
+        heads = self.make_heads(context)
+        own_losses = type(self).losses is not DenoisingMethod.losses  # e.g. REPA-E's VAE step
+        if own_losses and (heads or objective.align_until_step or objective.align_target != "encoder"):
+            raise ValueError(
+                f"--method {context.config.method} yields its own losses, which do not train the method's "
+                "heads (--projector conv), stop aligning (--align-until-step) or shuffle its other "
+                "alignment's targets (--align-target): leave those options off"
+            )
+        if heads:
+            self.heads = nn.ModuleDict(heads).to(context.device)
+            self.heads_group = heads_group(context, self.heads)
+            self.conv_projectors = heads.get("projectors")
+        depths = self.tap_depths()
+        if depths:
+            self.taps = BlockTaps(context.model, depths)
+        return self
+
+    def make_heads(self, context: MethodContext) -> dict[str, nn.Module]:
+        """The method's training-only modules by name (a subclass adds its own): iREPA's conv
+        projectors, one per encoder, when --projector conv."""
+        from repa.models.projectors import ConvProjector
+        from repa.train.setup import encoder_widths
+
+        if self.objective.projector != "conv" or not context.config.encoder.enabled:
+            return {}
+        hidden = context.model.config.hidden_size
+        widths = [encoder.dim for encoder in self.encoders] or encoder_widths(context.config)
+        kernel = self.objective.projector_kernel
+        return {"projectors": nn.ModuleList([ConvProjector(hidden, width, kernel) for width in widths])}
+
+    def tap_depths(self) -> set[int]:
+        """Blocks whose outputs the terms read (a subclass adds its own)."""
+        depths = set()
+        if self.objective.projector == "conv" and self.encoders:
+            depths.add(self.align_depth)
+        if self.objective.dispersive_weight > 0:
+            depths.add(self.objective.dispersive_depth or self.align_depth)
+        return depths
+
+    def aligning(self) -> bool:
+        """Whether this step has alignment terms: always, or until --align-until-step (HASTE)."""
+        until = self.objective.align_until_step
+        return not until or self.step < until
+
+    def finish_step(self, updated: bool) -> None:
+        self.step += 1  # skipped steps count too, as the loop's step does
 
     def groups(self) -> list[ParamGroup]:
-        return [self.model_group]
+        return [self.model_group] + ([self.heads_group] if self.heads_group is not None else [])
+
+    def state_dict(self) -> dict:
+        return {"heads": self.heads.state_dict()} if self.heads_group is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.heads_group is not None:
+            if "heads" not in state:
+                raise ValueError(
+                    "the checkpoint holds no weights of this method's heads (--projector conv, SRA)"
+                )
+            self.heads.load_state_dict(state["heads"])
 
     def batch_fields(self, cached: frozenset[str]) -> frozenset[str]:
         """Cached latents and features when there are; images only for what is not cached (the
@@ -129,8 +228,12 @@ class DenoisingMethod(TrainingMethod):
         cached features go (default: the images')."""
         if batch.features is not None and len(self.encoders) == 1:
             device = device if device is not None else images.device
-            return [batch.features.to(device, non_blocking=True).float()]
-        return [encoder(images).float() for encoder in self.encoders]
+            tokens = [batch.features.to(device, non_blocking=True).float()]
+        else:
+            tokens = [encoder(images).float() for encoder in self.encoders]
+        if self.objective.target_norm == "zscore":  # iREPA: each image's spatial pattern
+            tokens = [spatial_zscore(z, self.objective.target_norm_gamma) for z in tokens]
+        return tokens
 
     def losses(self, model: nn.Module, batch, noise: StepNoise) -> Iterator[GroupLoss]:
         device = noise.device
@@ -145,8 +248,12 @@ class DenoisingMethod(TrainingMethod):
             mean = moments.chunk(2, dim=1)[0]
             eps = noise.normal("posterior", tuple(mean.shape[1:]), dtype=mean.dtype)
             latents = self.tokenizer.normalize(self.tokenizer.sample(moments, noise=eps)).float()
-            target_tokens = self.target_tokens(batch, images, device)
+            # HASTE: no encoder forward once alignment has ended
+            target_tokens = self.target_tokens(batch, images, device) if self.aligning() else []
         yield self.model_loss(model, latents, labels, target_tokens, noise)
+        terms, self._head_terms = self._head_terms, []
+        if terms:  # the heads' gradient: their terms again, on the detached hidden states
+            yield GroupLoss(self.heads_group.name, sum(term() for term in terms))
 
     def model_loss(
         self,
@@ -166,8 +273,27 @@ class DenoisingMethod(TrainingMethod):
         route = {}
         if self.routed_tokens:
             route["route_ids"] = noise.permutations("route", self.routed_tokens)  # (B, T)
-        pred_velocity, projections = model(x_t, t, labels, force_drop_ids=drop, **route)
-        if route and self.encoders:
+        self._head_terms = []
+        aligning = bool(self.encoders) and self.aligning()
+        with self.taps.capturing() if self.taps is not None else contextlib.nullcontext({}) as hidden:
+            pred_velocity, projections = model(x_t, t, labels, force_drop_ids=drop, **route)
+        unused_projections = projections if not aligning else []
+        if aligning and self.objective.align_target == "shuffled":
+            # control arm: every sample aligns to another sample's tokens (a seeded random cycle)
+            source = derangement(noise.uniform("align_shuffle"))
+            target_tokens = [z[source] for z in target_tokens]
+        if aligning and self.conv_projectors is not None:
+            tapped = hidden[self.align_depth]  # (B, T, D)
+            projections = [projector(tapped) for projector in self.conv_projectors]
+            targets, coeff, resample = target_tokens, self.proj_coeff, self.resample_targets
+            projectors = self.conv_projectors
+            self._head_terms.append(
+                lambda: (
+                    coeff
+                    * alignment_loss([p(tapped.detach()) for p in projectors], targets, resample=resample)
+                )
+            )
+        if route and aligning:
             target_tokens = [
                 routed_targets(z, h, route["route_ids"], self.resample_targets)
                 for h, z in zip(projections, target_tokens)
@@ -175,9 +301,27 @@ class DenoisingMethod(TrainingMethod):
         denoise = denoising_loss(pred_velocity, target_velocity).mean()
         metrics = {"loss_denoise": denoise.detach()}
         loss = denoise
-        if self.encoders:
+        objective = self.objective
+        if objective.cos_loss_weight > 0:  # LightningDiT's velocity direction
+            direction = velocity_direction_loss(pred_velocity, target_velocity).mean()
+            loss = loss + objective.cos_loss_weight * direction
+            metrics["loss_cos"] = direction.detach()
+        if objective.dispersive_weight > 0:
+            hidden_state = hidden[objective.dispersive_depth or self.align_depth]
+            disperse = dispersive_loss(hidden_state, objective.dispersive_temperature)
+            loss = loss + objective.dispersive_weight * disperse
+            metrics["loss_dispersive"] = disperse.detach()
+        extra, extra_metrics = self.extra_terms(hidden, latents, eps, t, labels, drop, noise)
+        if extra is not None:
+            loss = loss + extra
+            metrics.update(extra_metrics)
+        if unused_projections:
+            # alignment has ended (or there is no encoder here): a zero-weighted use keeps every
+            # parameter in DDP's reduction, the zero gradient a lone process gives them anyway
+            loss = loss + 0.0 * sum(h.float().sum() for h in unused_projections)
+        if aligning:
             align = alignment_loss(projections, target_tokens, resample=self.resample_targets)
-            loss = denoise + self.proj_coeff * align
+            loss = loss + self.proj_coeff * align
             metrics["loss_align"] = align.detach()
             # mean cosine per encoder, the figure papers plot (0.6-0.75 is normal for REPA)
             for k, (h, z) in enumerate(zip(projections, target_tokens)):
@@ -186,3 +330,16 @@ class DenoisingMethod(TrainingMethod):
                 metrics[f"cos_sim_{k}"] = token_cosine(h.detach(), z).mean()
         metrics["loss"] = loss.detach()
         return GroupLoss(self.model_group.name, loss, metrics)
+
+    def extra_terms(
+        self,
+        hidden: dict[int, torch.Tensor],  # tapped block outputs (B, T, D) of this forward
+        latents: torch.Tensor,  # (B, C, h, w) clean
+        eps: torch.Tensor,  # the forward's noise
+        t: torch.Tensor,  # (B,)
+        labels: torch.Tensor,
+        drop: torch.Tensor | None,  # the forward's label dropout
+        noise: StepNoise,
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """A subclass's own terms of the diffusion model's loss (weighted) and their metrics."""
+        return None, {}

@@ -1,0 +1,124 @@
+"""The representation objectives a denoising method adds to its loss (docs/objectives.md):
+block taps, the checks of their options, and the method-owned heads' parameter group.
+
+Hidden states are read with forward hooks on the model's `blocks`, registered once when the
+method is built, so the model's forward (DDP-wrapped, compiled, with TREAD or cross-attention)
+stays the one the loop runs; a teacher's forward is cut after its block by a hook that stops it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from repa.config import ExperimentConfig
+from repa.train.methods.base import MethodContext, ParamGroup
+from repa.train.optim import adamw, lr_at
+
+
+class BlockTaps:
+    """Outputs of chosen blocks (1-based depths) of `model` during `capturing()`.
+
+    The hooks stay registered (a torch.compile'd model is not recompiled each step) and record
+    only inside `capturing()`, and only for these block objects: a copy of the model (the EMA,
+    made by deepcopy after the hooks exist) runs without writing here."""
+
+    def __init__(self, model: nn.Module, depths: Iterable[int]):
+        self.depths = sorted(set(depths))
+        self.outputs: dict[int, torch.Tensor] | None = None
+        blocks = model.blocks
+        for depth in self.depths:
+            if not 1 <= depth <= len(blocks):
+                raise ValueError(f"block {depth} does not exist: the model has blocks 1..{len(blocks)}")
+            block = blocks[depth - 1]
+            block.register_forward_hook(self._recorder(block, depth))
+
+    def _recorder(self, block: nn.Module, depth: int):
+        def record(module, args, output):
+            if self.outputs is not None and module is block:
+                self.outputs[depth] = output  # (B, T, D), with its graph
+
+        return record
+
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[dict[int, torch.Tensor]]:
+        self.outputs = {}
+        try:
+            yield self.outputs
+        finally:
+            self.outputs = None
+
+
+class _Reached(Exception):
+    def __init__(self, output: torch.Tensor):
+        self.output = output
+
+
+@torch.no_grad()
+def block_output(model: nn.Module, depth: int, *args, **kwargs) -> torch.Tensor:
+    """The output of block `depth` (1-based) of model(*args, **kwargs), the blocks after it never
+    run (SRA's teacher needs nothing else). No gradient."""
+
+    def stop(module, inputs, output):
+        raise _Reached(output)
+
+    handle = model.blocks[depth - 1].register_forward_hook(stop)
+    try:
+        model(*args, **kwargs)
+    except _Reached as reached:
+        return reached.output
+    finally:
+        handle.remove()
+    raise RuntimeError(f"the model's forward never ran block {depth}")
+
+
+def model_depth(config: ExperimentConfig) -> int:
+    from repa.models import config_for
+
+    return config_for(config.model.name, **config.model_overrides(input_size=None)).depth
+
+
+def check_objectives(config: ExperimentConfig, method: str, self_aligned: bool = False) -> None:
+    """The objective options' checks across sections (no weights or data needed). `self_aligned`:
+    the method has an alignment term without an encoder (SRA), which --align-until-step ends."""
+    objective, aligned = config.objective, config.encoder.enabled
+    needs_encoder = {
+        "--align-target shuffled": objective.align_target == "shuffled",
+        "--projector conv": objective.projector == "conv",
+        "--target-norm zscore": objective.target_norm != "none",
+        "--align-until-step": objective.align_until_step > 0 and not self_aligned,
+    }
+    for flag, used in needs_encoder.items():
+        if used and not aligned:
+            raise ValueError(
+                f"{flag} changes the alignment to an encoder, but --method {method} has none: set --encoder"
+            )
+    depth = model_depth(config)
+    if objective.projector == "conv" and not 1 <= config.model.align_depth <= depth:
+        raise ValueError(
+            f"--align-depth {config.model.align_depth} is out of range: the model has blocks 1..{depth}"
+        )
+    dispersive = objective.dispersive_depth or config.model.align_depth
+    if objective.dispersive_weight > 0 and not 1 <= dispersive <= depth:
+        raise ValueError(
+            f"--dispersive-depth {dispersive} is out of range: the model has blocks 1..{depth} (0 means "
+            "--align-depth)"
+        )
+
+
+def heads_group(context: MethodContext, heads: nn.Module) -> ParamGroup:
+    """The group of the method's training-only modules (iREPA's conv projectors, SRA's head):
+    AdamW at --learning-rate with its schedule, clipped to --max-grad-norm on their own. They are
+    not part of the diffusion model, so the EMA file and sampling never see them."""
+    config = context.config
+    params = [p for p in heads.parameters() if p.requires_grad]
+    return ParamGroup(
+        "heads",
+        heads,
+        adamw(params, config.optim.learning_rate, config),
+        max_grad_norm=config.optim.max_grad_norm,
+        learning_rate=lambda step: lr_at(step, config),
+    )
