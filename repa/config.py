@@ -242,7 +242,10 @@ class TokenizerOptions(_Section):
 @dataclass
 class EncoderOptions(_Section):
     encoder: str = option(
-        "dinov2-b", "frozen target encoder(s), comma-separated; 'none' = plain SiT", aliases=("--enc-type",)
+        "dinov2-b",
+        "frozen target encoder(s), comma-separated; 'none' = plain SiT; NAME:random = NAME's architecture "
+        "with seeded random weights (the random-teacher control)",
+        aliases=("--enc-type",),
     )
     encoder_weights: str | None = option(None, "local weights file for the encoder (one encoder only)")
     encoder_cache_dir: str | None = option(None, "hub cache directory for encoder weights")
@@ -300,8 +303,8 @@ class ObjectiveOptions(_Section):
     )
     target_norm_gamma: float = option(
         0.6,
-        "iREPA's z-score: the share of the token mean subtracted (its latent-SiT code: 0.6; its JiT "
-        "pixel code: 0.8)",
+        "iREPA's z-score: the share of the token mean subtracted (default: its latent-SiT code's 0.6, "
+        "the setting repa trains; its JiT pixel code uses 0.8)",
     )
     dispersive_weight: float = option(
         0.0, "weight of the dispersive loss on a block's hidden state (0: off; DDT's code: 0.5)"
@@ -405,8 +408,8 @@ class VAEOptions(_Section):
 class RunOptions(_Section):
     method: str = option(
         "",
-        "training method from the registry (repa/train/methods): sit | repa | repa-e | ldm (default: repa "
-        "with an encoder, sit without)",
+        "training method from the registry (repa/train/methods): sit | repa | repa-e | ldm | dispersive | "
+        "sra (default: repa with an encoder, sit without)",
     )
     output_dir: str = option("runs", "parent directory of run directories")
     exp_name: str = option("", "run directory name under --output-dir (default: derived from the config)")
