@@ -351,6 +351,9 @@ def test_each_objective_trains_and_resumes_bitwise(shards, encoder_file, tmp_pat
     train(config("resumed", 4))
     resumed = train(config("resumed", 8))
     assert_states_equal(final_state(straight.run_dir), final_state(resumed.run_dir))
+    from repa.eval.checkpoints import load_generator
+
+    load_generator(straight.run_dir)  # the EMA file samples as any SiT's: no heads, no conv projector
 
 
 def test_align_until_step_ends_alignment_and_a_late_resume_builds_no_encoder(
