@@ -19,7 +19,7 @@ from repa.models import config_for, create_model, load_state_dict_strict
 from repa.models.ddt import DDT, ddt_rope_angles, from_lightning_layout
 from repa.models.ddt_sharing import EncoderSharing, dp_schedule
 from repa.transport import sample
-from tests.test_train import shards, tiny_config  # noqa: F401 (the shards fixture)
+from tests.test_train import encoder_file, shards, tiny_config  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -122,6 +122,20 @@ def test_time_features_use_period_10_and_reverse_time_wraps_the_released_convent
     wrapped.load_state_dict(plain.state_dict())
     x, t, y = _inputs()
     torch.testing.assert_close(wrapped.velocity(x, t, y), -plain.velocity(x, 1 - t, y))
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    plain = _randomise(tiny_ddt(projector_out_dims=[8], align_depth=1, projector_dim=16)).train()
+    checkpointed = tiny_ddt(projector_out_dims=[8], align_depth=1, projector_dim=16, grad_checkpointing=True)
+    checkpointed.train().load_state_dict(plain.state_dict())
+    x, t, y = _inputs()
+    keep = torch.tensor([False, True])
+    grads = []
+    for model in (plain, checkpointed):
+        velocity, (projected,) = model(x, t, y, force_drop_ids=keep)
+        (velocity.square().mean() - projected.mean()).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
 
 
 def test_bad_combinations_name_the_flags():
@@ -313,6 +327,17 @@ def test_the_guidance_interval_opening_between_refreshes_runs_the_encoder_once_m
     assert sharing.encoder_calls == 3
 
 
+def test_the_dp_recorder_keeps_the_conditional_rows_of_every_evaluation():
+    model = _randomise(tiny_ddt()).eval()
+    labels, seeds = torch.tensor([1, 3]), [5, 7]
+    recorder = EncoderSharing(model, None, record_rows=2)
+    options = dict(mode="ode", num_steps=3, cfg_scale=2.0, guidance_high=1.0, null_label=5)
+    sample(recorder, (4, 4, 4), labels, seeds, **options)  # every call on [x; x], [y; null]
+    assert len(recorder.states) == 3 and recorder.encoder_calls == 3
+    noise = torch.stack([torch.randn(4, 4, 4, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    torch.testing.assert_close(recorder.states[0], model.encode(noise, torch.ones(2), labels))
+
+
 def test_dp_schedule_is_the_least_cost_choice():
     rng = np.random.default_rng(0)
     n, k = 7, 3
@@ -358,19 +383,29 @@ def test_repa_sample_settings_wire_uniform_and_dp_sharing():
 # ---- a tiny DDT trains through the loop, and `repa sample` reads its run -----------------------------
 
 
-def test_tiny_ddt_trains_and_samples_with_sharing(shards, tmp_path):  # noqa: F811
+def test_tiny_ddt_trains_with_repa_and_samples_with_sharing(shards, encoder_file, tmp_path):  # noqa: F811
+    """REPA through the loop, the tap after block 1 of the 2-block encoder (the encoder's 4x4
+    tokens resampled to the model's 8x8 grid); then `repa sample` on the run with --ddt-share 2."""
+    from safetensors.torch import load_file
+
     from repa.cli import main
+    from repa.runs import latest_checkpoint
     from repa.train.logging import read_metrics
     from repa.train.loop import train
 
     steps = 60
-    config = tiny_config(shards, tmp_path, max_train_steps=steps, checkpointing_steps=steps)
+    config = tiny_config(
+        shards, tmp_path, encoder=encoder_file, max_train_steps=steps, checkpointing_steps=steps
+    )
     config.model.name = "DDT-B/2"
-    config.model.depth, config.model.ddt_encoder_depth = 3, 2
+    config.model.depth, config.model.ddt_encoder_depth, config.model.align_resample = 3, 2, True
     run = train(config)
-    losses = [record["loss"] for record in read_metrics(run.run_dir)]
-    assert len(losses) == steps
+    records = read_metrics(run.run_dir)
+    losses = [record["loss"] for record in records]
+    assert len(losses) == steps and "loss_align" in records[-1]
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:5]) / 5
+    ema = load_file(latest_checkpoint(run.run_dir / "checkpoints") / "ema.safetensors")
+    assert {"s_embedder.proj.weight", "projectors.0.4.weight", "blocks.2.mlp.w1.weight"} <= set(ema)
 
     output = tmp_path / "samples.npz"
     argv = ["sample", str(run.run_dir), "--num-samples", "2", "--mode", "ode", "--num-steps", "4",
