@@ -7,7 +7,7 @@ import pytest
 
 from repa.cli import VERBS, build_parser
 
-EXPECTED_VERBS = {"data", "train", "sample", "eval", "curves", "flops", "tokenizer", "demo", "bench"}
+EXPECTED_VERBS = {"data", "train", "sample", "eval", "curves", "flops", "probe", "tokenizer", "demo", "bench"}
 
 
 def test_the_verbs_are_frozen():
