@@ -649,3 +649,69 @@ def test_previews_and_eval_every_sample_with_the_models_time_shift():
 
     config = ExperimentConfig.from_dict({"transport": {"time_shift": 3.0}})
     assert _sampler_for(config, 10, 1.0).time_shift == 3.0
+
+
+def test_repa_sample_in_generate_py_spelling_makes_the_same_set(tmp_path):
+    """generate.py's flags through `repa sample` give the samples repa's own spelling gives."""
+    import numpy as np
+
+    from repa.cli import main
+    from tests.test_eval_sample import write_fake_run
+
+    run = write_fake_run(tmp_path / "run")
+    weights = run / "checkpoints" / "step-00000200" / "ema.safetensors"
+    theirs = [
+        "sample",
+        "--ckpt",
+        str(weights),
+        "--sample-dir",
+        str(tmp_path / "s"),
+        *"""--num-fid-samples 4
+        --mode ode --num-steps 3 --per-proc-batch-size 2 --global-seed 1 --heun --num-classes 4 --resolution 8
+        --encoder-depth 1 --timestep-shift 0.5 --no-tf32 --fused-attn --cfg-scale 1.5
+        --guidance-high 0.7""".split(),
+    ]
+    ours = [
+        "sample",
+        str(run),
+        "--output",
+        str(tmp_path / "ours.npz"),
+        *"""--checkpoint-step 200
+        --num-samples 4 --mode ode --num-steps 3 --batch-size 2 --seed 1 --method heun --time-shift 2
+        --cfg-scale 1.5 --guidance-high 0.7""".split(),
+    ]
+    assert main(theirs) == 0 and main(ours) == 0
+    (written,) = (tmp_path / "s").glob("*.npz")
+    assert written.name == "ema-cfg-1.5-0.0-0.7-seed-1-ode.npz"
+    with np.load(written) as a, np.load(tmp_path / "ours.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"])
+    record = json.loads(Path(f"{written}.json").read_text())["sampling"]["settings"]
+    assert (record["time_shift"], record["method"]) == (2.0, "heun")
+    assert main([*theirs, "--num-classes", "10"]) == 2  # disagrees with the weights: refused
+
+
+def test_repa_sample_takes_the_models_time_shift(tmp_path):
+    """A run whose config sets --time-shift samples with it unless a flag says otherwise."""
+    from safetensors.torch import load_file, save_file
+
+    from repa.cli import main
+    from tests.test_eval_sample import write_fake_run
+
+    run = write_fake_run(tmp_path / "run", steps=(100,))
+    weights = run / "checkpoints" / "step-00000100" / "ema.safetensors"
+    config = json.loads(safetensors_metadata(weights)["config"])
+    config["transport"]["time_shift"] = 2.0
+    save_file(load_file(weights), weights, metadata={"config": json.dumps(config)})
+    common = [str(weights), "--num-samples", "2", "--mode", "ode", "--num-steps", "2"]
+    for extra, shift in (([], 2.0), (["--time-shift", "1"], None)):
+        output = tmp_path / f"{len(extra)}.npz"
+        assert main(["sample", *common, *extra, "--output", str(output)]) == 0
+        record = json.loads(Path(f"{output}.json").read_text())["sampling"]["settings"]
+        assert record.get("time_shift") == shift  # 1 (no shift) is left out of the record
+
+
+def safetensors_metadata(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return handle.metadata()
