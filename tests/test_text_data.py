@@ -355,3 +355,52 @@ def test_clip_text_features_are_u_vits_run_without_the_mask(tmp_path):
         masked = model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).last_hidden_state
     torch.testing.assert_close(embeddings, unmasked)
     assert not torch.allclose(embeddings[1, 4:], masked[1, 4:])  # padding rows differ under a mask
+
+
+def test_captioned_synthetic_set_names_what_it_draws(tmp_path):
+    """`repa data synthetic --captioned`: captions name the drawn attributes (read back by
+    prompt_attributes), the shape's colour is in the named quadrant, and the set builds."""
+    from repa.text.synthetic import (
+        COLOURS,
+        POSITIONS,
+        captions_for,
+        prompt_attributes,
+        render_captioned_image,
+    )
+
+    out = tmp_path / "syn"
+    assert (
+        main(["data", "synthetic", str(out), "--num-images", "6", "--resolution", "32", "--captioned"]) == 0
+    )
+    first = {path.name: path.read_bytes() for path in (out / "images").iterdir()}
+    assert (
+        main(["data", "synthetic", str(out), "--num-images", "6", "--resolution", "32", "--captioned"]) == 0
+    )
+    assert first == {path.name: path.read_bytes() for path in (out / "images").iterdir()}  # deterministic
+    truth = json.loads((out / "attributes.json").read_text())
+    table = json.loads((out / "captions.json").read_text())
+    by_image = {}
+    for note in table["annotations"]:
+        by_image.setdefault(table["images"][note["image_id"]]["file_name"], []).append(note["caption"])
+    for name, attributes in truth.items():
+        assert by_image[name] == captions_for(attributes)
+        assert all(prompt_attributes(caption) == attributes for caption in by_image[name])
+        pixels, again = render_captioned_image(int(name[:-4]), resolution=64)
+        assert again == attributes
+        column, row = (int(c * 2) for c in POSITIONS[attributes["position"]])  # the quadrant
+        quadrant = pixels[row * 32 : row * 32 + 32, column * 32 : column * 32 + 32].astype(float)
+        saturation = quadrant.max(-1) - quadrant.min(-1)
+        assert saturation.max() > 100  # the shape is in the named quadrant
+        vivid = quadrant.reshape(-1, 3)[saturation.reshape(-1) > 0.8 * saturation.max()].mean(0)
+        nearest = max(COLOURS, key=lambda c: vivid @ np.asarray(COLOURS[c]) / np.linalg.norm(COLOURS[c]))
+        assert nearest == attributes["colour"]
+    assert prompt_attributes("a red or blue disk") == {
+        "shape": "disk",
+        "colour": None,
+        "texture": None,
+        "position": None,
+    }
+    flags = ["--resolution", "16", "--captions", str(out / "captions.json"), "--workers", "0"]
+    assert main(["data", "build", str(out / "images"), str(tmp_path / "shards"), *flags]) == 0
+    manifest = fmt.read_manifest(str(tmp_path / "shards" / fmt.MANIFEST_NAME))
+    assert (manifest["num_samples"], manifest["num_captions"]) == (6, 18)

@@ -15,6 +15,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     synthetic.add_argument("--resolution", type=int, required=True)
     synthetic.add_argument("--num-classes", type=int, default=10)
     synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument(
+        "--captioned",
+        action="store_true",
+        help="images with captions naming shape, colour, texture, position (COCO-style captions.json)",
+    )
 
     build = actions.add_parser("build", help="centre-crop images into tar shards (+ optional caches)")
     build.add_argument("source", metavar="SRC", help="ImageNet-layout folder, image folder, or tar shards")
@@ -69,6 +74,19 @@ def _device() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.data_action == "synthetic" and args.captioned:
+        from repa.text.synthetic import CAPTIONS_FILE, IMAGE_FOLDER, write_captioned_dataset
+
+        counts = write_captioned_dataset(
+            args.output, num_images=args.num_images, resolution=args.resolution, seed=args.seed
+        )
+        print(
+            f"wrote {counts['images']} images with {counts['captions']} captions to {args.output}; build "
+            f"shards with: repa data build {args.output}/{IMAGE_FOLDER} SHARDS --captions "
+            f"{args.output}/{CAPTIONS_FILE}"
+        )
+        return 0
+
     if args.data_action == "synthetic":
         from repa.data.synthetic import write_synthetic_dataset
 
