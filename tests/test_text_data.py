@@ -228,9 +228,9 @@ def test_stream_draws_one_caption_per_sample_seeded(coco_source, text_encoder, t
     )
     cached = {s[fmt.SOURCE_KEY].decode(): fmt.load_npy(s[fmt.TEXT]) for s in _samples(out)}
 
-    def draw(seed: int) -> list[tuple[str, str]]:
+    def draw(seed: int, workers: int = 0) -> list[tuple[str, str]]:
         stream = make_train_stream(
-            str(out), batch_size_per_rank=5, num_workers=0, seed=seed, shuffle_buffer=2, num_batches=4,
+            str(out), batch_size_per_rank=5, num_workers=workers, seed=seed, shuffle_buffer=2, num_batches=4,
             fields={"text", "captions"},
         )  # fmt: skip
         drawn = []
@@ -246,6 +246,9 @@ def test_stream_draws_one_caption_per_sample_seeded(coco_source, text_encoder, t
 
     first = draw(seed=3)
     assert first == draw(seed=3)  # seeded
+    # through data-loader workers (shared-memory batch slots): the same fields, each caption's own row
+    with_workers = draw(seed=3, workers=2)
+    assert sorted(with_workers) != [] and {key for key, _ in with_workers} == set(expected)
     three = [caption for key, caption in first if key == "im2.png"]
     assert len(three) == 4 and len(set(three)) > 1  # a new draw in each pass, over the captions
     # the draw depends on (seed, key, epoch), not on where the sample is read
