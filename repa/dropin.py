@@ -208,7 +208,8 @@ def _repae_experiment(exp_path: Path, train_steps: int | None) -> dict | None:
         raise FileNotFoundError(f"--exp-path {exp_path} --train-steps {train_steps}: no {weights}")
     their = json.loads(args_file.read_text())
     vae_ckpt = their.get("vae_ckpt")
-    holds_vae = "vae" in torch.load(weights, map_location="cpu", mmap=True, weights_only=True)
+    with torch.serialization.safe_globals([argparse.Namespace]):  # its checkpoints keep "args"
+        holds_vae = "vae" in torch.load(weights, map_location="cpu", mmap=True, weights_only=True)
     return dict(
         path=str(weights),
         model=their.get("model"),

@@ -361,7 +361,8 @@ def test_repae_experiment_directory(tmp_path):
     (tmp_path / "args.json").write_text(
         json.dumps({"model": "SiT-XL/2", "vae": "f8d4", "vae_ckpt": "p/sdvae-f8d4.pt", "path_type": "linear"})
     )
-    torch.save({"ema": {}, "vae": {}}, tmp_path / "checkpoints" / "0400000.pt")
+    checkpoint = {"ema": {}, "vae": {}, "args": argparse.Namespace(vae="f8d4"), "steps": 400000}  # REPA-E's
+    torch.save(checkpoint, tmp_path / "checkpoints" / "0400000.pt")
     found = resolve_sample_source(sample_args("--exp-path", str(tmp_path), "--train-steps", "400000"))
     weights = str(tmp_path / "checkpoints" / "0400000.pt")
     assert found["path"] == weights and found["tokenizer_weights"] == weights
@@ -715,3 +716,17 @@ def safetensors_metadata(path):
 
     with safe_open(str(path), "pt") as handle:
         return handle.metadata()
+
+
+def test_vae_ckpt_reads_repae_training_checkpoints(vae_file, tmp_path):  # noqa: F811
+    """--vae-ckpt (or --exp-path) may name one of REPA-E's training checkpoints: the VAE is its
+    "vae" entry, next to the SiT, the optimisers and the argparse Namespace it keeps."""
+    from repa.tokenizers import create_tokenizer
+    from repa.tokenizers.checkpoint import stats_sibling
+
+    vae = torch.load(vae_file, weights_only=True)
+    path = tmp_path / "0400000.pt"
+    torch.save({"model": {}, "ema": {}, "vae": vae, "discriminator": {}, "opt": {},
+                "args": argparse.Namespace(vae="f8d4"), "steps": 400000}, path)  # fmt: skip
+    loaded = create_tokenizer(str(path), stats=stats_sibling(vae_file)).autoencoder_state_dict()
+    assert loaded.keys() == vae.keys() and all(torch.equal(loaded[k], v) for k, v in vae.items())

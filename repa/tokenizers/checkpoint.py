@@ -2,13 +2,15 @@
 
 Accepted file contents: a raw state dict, or one nested under a wrapper key ("vae" as in REPA-E training
 checkpoints, "state_dict" as in LDM / VA-VAE releases, "model", "ema", "module", "autoencoder"), in
-.pt/.pth/.ckpt (torch.load with weights_only=True) or .safetensors. Keys under "loss." (the LPIPS,
-discriminator and VF-loss modules that LDM-style training checkpoints carry along) are dropped; every
-other key must match the architecture exactly.
+.pt/.pth/.ckpt (torch.load with weights_only=True; the argparse Namespace that REPA / REPA-E training
+checkpoints store under "args" is allowed, so such a checkpoint is a VAE source too) or .safetensors.
+Keys under "loss." (the LPIPS, discriminator and VF-loss modules that LDM-style training checkpoints
+carry along) are dropped; every other key must match the architecture exactly.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -40,7 +42,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
             from safetensors.torch import load_file
 
             return load_file(str(path), device="cpu")
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):  # REPA-E's checkpoints keep "args"
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, wrong format, pickled objects...
         raise ValueError(
             f"could not read checkpoint {path} ({type(error).__name__}: {error}). The file may be "
