@@ -121,11 +121,17 @@ def apply_train_flags(values: dict[str, dict], given: dict[str, Any]) -> None:
             f"--prediction {prediction!r}: repa trains velocity prediction only, as REPA ('v'; "
             "REPA's own parser accepts nothing else)"
         )
-    model, run, vae = (values.setdefault(key, {}) for key in ("model", "run", "vae"))
+    from repa.config import SECTIONS
+
+    model, run, vae, data = (values.setdefault(key, {}) for key in ("model", "run", "vae", "data"))
+
+    def value(section: dict, name: str, section_name: str):  # as given, else the field's default
+        return section[name] if name in section else getattr(SECTIONS[section_name](), name)
+
     if given.get("legacy"):
         # REPA's --legacy drops labels in train.py and again in the model, independently: a label
         # survives both with probability (1 - p)^2.
-        p = float(model.get("class_dropout_prob", 0.1))
+        p = float(value(model, "class_dropout_prob", "model"))
         model["class_dropout_prob"] = 1.0 - (1.0 - p) ** 2
     if "loss_cfg_path" in given:
         vae.update(_loss_weights(given["loss_cfg_path"]))
@@ -135,12 +141,12 @@ def apply_train_flags(values: dict[str, dict], given: dict[str, Any]) -> None:
         epochs = given["epochs"]
         if epochs < 1:
             raise DropinError(f"--epochs must be >= 1, got {epochs}")
-        batch_size = int(values.get("data", {}).get("batch_size", 256))
-        steps_per_epoch = _dataset_size(str(values.get("data", {}).get("data", ""))) // batch_size
+        batch_size = int(value(data, "batch_size", "data"))
+        steps_per_epoch = _dataset_size(str(value(data, "data", "data"))) // batch_size
         if steps_per_epoch < 1:
             raise DropinError(f"--epochs: the dataset holds fewer samples than one --batch-size {batch_size}")
         # REPA loops over epochs and stops at --max-train-steps, whichever ends first.
-        run["max_train_steps"] = min(int(run.get("max_train_steps", 400_000)), epochs * steps_per_epoch)
+        run["max_train_steps"] = min(int(value(run, "max_train_steps", "run")), epochs * steps_per_epoch)
 
 
 # ---- repa sample: REPA's and REPA-E's generate.py flags ------------------------------------------
