@@ -26,7 +26,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("REPA / REPA-E flags converted or refused (docs/dropin.md)")
     add = group.add_argument
     suppress = argparse.SUPPRESS
-    add("--prediction", dest=DEST + "prediction", default=suppress, help="REPA: only 'v' (accepted)")
+    add("--prediction", dest=DEST + "prediction", default=suppress, metavar="v",
+        help="REPA: only 'v' (accepted)")  # fmt: skip
     add("--fused-attn", dest=DEST + "fused_attn", action="store_const", const=True, default=suppress,
         help="REPA: accepted; repa's attention is always scaled_dot_product_attention")  # fmt: skip
     add("--no-fused-attn", dest=DEST + "fused_attn", action="store_const", const=False, default=suppress,
@@ -35,19 +36,20 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="REPA: labels dropped twice, i.e. --class-dropout-prob 1 - (1 - p)^2")  # fmt: skip
     add("--no-legacy", dest=DEST + "legacy", action="store_const", const=False, default=suppress,
         help="REPA: the default (labels dropped once)")  # fmt: skip
-    add("--epochs", dest=DEST + "epochs", type=int, default=suppress,
+    add("--epochs", dest=DEST + "epochs", type=int, default=suppress, metavar="E",
         help="REPA: caps --max-train-steps at EPOCHS x (dataset size // --batch-size), the size read "
         "from the shards' manifest")  # fmt: skip
-    add("--loss-cfg-path", dest=DEST + "loss_cfg_path", default=suppress,
+    add("--loss-cfg-path", dest=DEST + "loss_cfg_path", default=suppress, metavar="YAML",
         help="REPA-E: its loss YAML, read into --l1-weight, --lpips-weight, --kl-weight, "
         "--gan-weight")  # fmt: skip
-    add("--vae-latents-name", dest=DEST + "vae_latents_name", default=suppress,
+    add("--vae-latents-name", dest=DEST + "vae_latents_name", default=suppress, metavar="NAME",
         help="REPA-E: accepted; repa picks the cached latents in the shards made by --tokenizer")  # fmt: skip
     for flag in ("--logging-dir", "--continue-train-exp-dir", "--wandb-history-path"):
         add(
             flag,
             dest=DEST + flag[2:].replace("-", "_"),
             default=suppress,
+            metavar="X",
             help="REPA: refused (docs/dropin.md)",
         )
 
