@@ -148,3 +148,17 @@ def self_alignment_loss(
     dim = -1 if form == "per-token" else 1
     cosine = F.cosine_similarity(student.float(), teacher.float(), dim=dim)  # (B, T) or (B, D)
     return (1 - cosine).mean()
+
+
+def attention_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """HASTE's attention distillation for one layer pair: the cross-entropy of the student's
+    attention (softmax of its pre-softmax logits over the keys) against the teacher's attention
+    as the target distribution, both (B, H, T, T) over the same T tokens and H heads; mean over
+    queries, heads and batch. The teacher's side carries no gradient."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student attention {tuple(student_logits.shape)} and teacher attention "
+            f"{tuple(teacher_logits.shape)} differ in shape"
+        )
+    target = teacher_logits.detach().float().softmax(dim=-1)
+    return -(target * student_logits.float().log_softmax(dim=-1)).sum(dim=-1).mean()

@@ -120,6 +120,63 @@ def test_conv_projector_matches_a_per_token_neighbourhood_sum():
             torch.testing.assert_close(out[0, row * 4 + col], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_attention_distillation_matches_a_per_query_loop():
+    from repa.align import attention_distillation_loss
+
+    student, teacher = torch.randn(2, 3, 5, 5), torch.randn(2, 3, 5, 5)
+    total = 0.0
+    for b in range(2):
+        for h in range(3):
+            for i in range(5):
+                p = torch.exp(teacher[b, h, i]) / torch.exp(teacher[b, h, i]).sum()
+                q = torch.exp(student[b, h, i]) / torch.exp(student[b, h, i]).sum()
+                total += -(p * q.log()).sum() / 30
+    torch.testing.assert_close(attention_distillation_loss(student, teacher), total)
+
+
+@pytest.mark.parametrize("kind", ["sit-rope-qknorm", "timm"])
+def test_attention_taps_reproduce_the_attention_output(kind):
+    """softmax(captured logits) @ v, projected, is what the attention module returned: the logits
+    are the ones it used (qk-norm and RoPE included for repa's, timm's for the encoder)."""
+    from einops import rearrange
+
+    from repa.models import create_model
+    from repa.train.methods.objectives import AttentionTaps
+
+    if kind == "timm":
+        from repa.encoders import build_local_vit
+
+        kwargs = {
+            "img_size": 16,
+            "patch_size": 4,
+            "embed_dim": 24,
+            "depth": 2,
+            "num_heads": 2,
+            "num_classes": 0,
+        }
+        net, prefix = build_local_vit("vit_tiny_patch16_224", kwargs), 1
+        run = lambda: net(torch.randn(2, 3, 16, 16))  # noqa: E731
+    else:
+        net = create_model("SiT-S/4", input_size=16, in_channels=3, hidden_size=32, depth=2, num_heads=2,
+                           num_classes=4, qk_norm=True, rope=True).eval()  # fmt: skip
+        prefix = 0
+        run = lambda: net.velocity(torch.randn(2, 3, 16, 16), torch.rand(2), torch.randint(0, 4, (2,)))  # noqa: E731
+    taps = AttentionTaps(net.blocks, [2], prefix_tokens=0)
+    attention, seen = net.blocks[1].attn, {}
+    attention.register_forward_hook(lambda m, args, out: seen.update(x=args[0], out=out))
+    with taps.capturing() as parts:
+        run()
+    logits = taps.logits(parts)[2]  # (B, H, T, T)
+    v = rearrange(attention.qkv(seen["x"]), "b t (three h d) -> three b h t d", three=3, h=2)[2]
+    mixed = rearrange(logits.softmax(dim=-1) @ v, "b h t d -> b t (h d)")
+    torch.testing.assert_close(attention.proj(mixed), seen["out"], rtol=1e-4, atol=1e-5)
+    if prefix:  # the encoder's class token is dropped from both axes
+        with taps.capturing() as parts:
+            run()
+        taps.prefix_tokens = prefix
+        assert taps.logits(parts)[2].shape[-1] == logits.shape[-1] - prefix
+
+
 def test_derangement_gives_every_sample_another_one():
     for seed in range(20):
         keys = torch.rand(7, generator=torch.Generator().manual_seed(seed))
@@ -195,30 +252,76 @@ WEIGHTED_TERMS = {
     "loss_cos": {"cos_loss_weight": 0.7},
     "loss_dispersive": {"dispersive_weight": 0.5, "dispersive_depth": 2},
     "loss_sra": {"sra_student_depth": 2, "sra_teacher_depth": 3},
+    "loss_attn": {"encoder": True, "attn_distill_weight": 0.5, "attn_distill_layers": "2:1"},
 }
 
 
 @pytest.mark.parametrize("term", list(WEIGHTED_TERMS))
-def test_each_term_is_in_the_sit_loss_with_its_weight_and_gradient(shards, tmp_path, term):  # noqa: F811
+def test_each_term_is_in_the_sit_loss_with_its_weight_and_gradient(shards, encoder_file, tmp_path, term):  # noqa: F811
     """model_loss with the option against the same step without it: the total differs by exactly
     weight x the logged term, and so does the SiT's gradient (the term is not detached)."""
-    options = WEIGHTED_TERMS[term]
+    from repa.data.stream import Batch
+
+    options = dict(WEIGHTED_TERMS[term])
+    encoder = encoder_file if options.pop("encoder", False) else "none"
     weight = next(v for k, v in options.items() if k.endswith("weight")) if term != "loss_sra" else 0.5
     latents, labels = torch.randn(4, 3, 16, 16), torch.randint(0, 4, (4,))
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    batch = Batch(images=images, labels=labels, moments=None, features=None, keys=list("abcd"),
+                  flipped=torch.zeros(4, dtype=torch.bool))  # fmt: skip
     results = []
     for with_term in (True, False):
         torch.manual_seed(0)
-        method, model, _ = _parts(shards, tmp_path, **options)
+        method, model, _ = _parts(shards, tmp_path, encoder=encoder, **options)
+        targets = method.target_tokens(batch, images)  # the encoder's attention too, when distilling
         if not with_term:
             method.objective.cos_loss_weight = method.objective.dispersive_weight = 0.0
-            method.objective.sra_weight = 0.0
-        item = method.model_loss(model, latents, labels, [], StepNoise(3, 4, "cpu"))
+            method.objective.sra_weight = method.objective.attn_distill_weight = 0.0
+        item = method.model_loss(model, latents, labels, targets, StepNoise(3, 4, "cpu"))
         item.loss.backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         results.append((item, grads))
     (full, full_grads), (bare, bare_grads) = results
     torch.testing.assert_close(full.loss - bare.loss, weight * full.metrics[term])
     assert not torch.allclose(full_grads, bare_grads)
+
+
+def test_attention_distillation_pairs_blocks_and_keeps_the_sits_first_heads(shards, encoder_file, tmp_path):  # noqa: F811
+    """HASTE's term: the mean over block pairs of the cross-entropy on the first min(heads) heads
+    (here the SiT's first 2 of 4 against the encoder's 2), the encoder's class token dropped."""
+    from repa.align import attention_distillation_loss
+    from repa.data.stream import Batch
+
+    values = tiny_config(shards, tmp_path, encoder=encoder_file).to_dict()
+    values["model"].update(depth=3, num_heads=4, class_dropout_prob=0.0)
+    values["objective"] = {"attn_distill_weight": 0.5, "attn_distill_layers": "1:1,3:1"}
+    config = ExperimentConfig.from_dict(values).validate()
+    tokenizer, encoders, model = build_parts(config, torch.device("cpu"))
+    method = get_method("repa").build(MethodContext(config, tokenizer, encoders, model, torch.device("cpu")))
+    images, labels = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8), torch.tensor([0, 3])
+    stale = torch.zeros(2, 16, 24)
+    batch = Batch(images=images, labels=labels, moments=None, features=stale, keys=["a", "b"],
+                  flipped=torch.zeros(2, dtype=torch.bool))  # fmt: skip
+    # attention maps are never cached: the encoder runs on the images whatever the shards hold
+    assert method.batch_fields(frozenset({"features"})) == {"images"}
+    targets = method.target_tokens(batch, images)
+    torch.testing.assert_close(targets[0], encoders[0](images).float())
+    teacher = method._teacher_logits[1]
+    assert teacher.shape == (2, 2, 16, 16)  # 16 patch tokens, the class token dropped
+    latents = torch.randn(2, 3, 16, 16)
+    item = method.model_loss(model, latents, labels, targets, StepNoise(5, 2, "cpu"))
+    noise = StepNoise(5, 2, "cpu")
+    t = noise.draw("t", lambda n, g: method.time_sampler(n, "linear", generator=g))
+    x_t, _ = interpolate("linear", latents, noise.normal("noise", (3, 16, 16)), t)
+    with method.student_attention.capturing() as parts:
+        model(x_t, t, labels)
+    student = method.student_attention.logits(parts)
+    assert student[1].shape == (2, 4, 16, 16)
+    expected = (
+        attention_distillation_loss(student[1][:, :2], teacher)
+        + attention_distillation_loss(student[3][:, :2], teacher)
+    ) / 2
+    torch.testing.assert_close(item.metrics["loss_attn"], expected.detach())
 
 
 def test_a_truncated_teacher_forward_runs_no_block_after_its_own(shards, tmp_path):  # noqa: F811
@@ -330,6 +433,10 @@ ARMS = {
     "irepa": ({"encoder": True, "projector": "conv", "target_norm": "zscore"}, "loss_align"),
     "shuffled": ({"encoder": True, "align_target": "shuffled"}, "loss_align"),
     "sra": ({"method": "sra", "sra_student_depth": 1, "sra_teacher_depth": 2}, "loss_sra"),
+    "attn-distill": (
+        {"encoder": True, "attn_distill_weight": 0.5, "attn_distill_layers": "1:1,2:1"},
+        "loss_attn",
+    ),
 }
 
 
@@ -406,10 +513,10 @@ def test_presets_validate(name):
 
 @pytest.mark.slow
 def test_two_processes_train_every_term_together(shards, encoder_file, tmp_path):  # noqa: F811
-    """torchrun, two CPU processes (gloo), SRA + REPA + dispersive + velocity direction, alignment
-    ending at step 2 of 4: DDP's every-parameter reduction holds after the end (the projector's
-    zero-weighted use), the heads' group is averaged by hand, the dispersive gather runs inside
-    the backward pass; the ranks end identical."""
+    """torchrun, two CPU processes (gloo), SRA + REPA + HASTE's attention distillation + dispersive +
+    velocity direction, alignment ending at step 2 of 4: DDP's every-parameter reduction holds
+    after the end (the projector's zero-weighted use), the heads' group is averaged by hand, the
+    dispersive gather runs inside the backward pass; the ranks end identical."""
     import subprocess
     import sys
 
@@ -424,7 +531,8 @@ def test_two_processes_train_every_term_together(shards, encoder_file, tmp_path)
     )
     config = _run_config(
         shards, tmp_path / "two", encoder_file, "sra", steps=4, sra_student_depth=1, sra_teacher_depth=2,
-        dispersive_weight=0.5, cos_loss_weight=1.0, align_until_step=2,
+        dispersive_weight=0.5, cos_loss_weight=1.0, align_until_step=2, attn_distill_weight=0.5,
+        attn_distill_layers="1:1",
     )  # fmt: skip
     (tmp_path / "two.json").write_text(json.dumps(config.to_dict()))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -436,4 +544,5 @@ def test_two_processes_train_every_term_together(shards, encoder_file, tmp_path)
     assert digests[0] == digests[1]
     records = read_metrics(tmp_path / "two" / "run")
     assert [r["step"] for r in records if "loss_sra" in r] == [1, 2]
+    assert [r["step"] for r in records if "loss_attn" in r] == [1, 2]
     assert all("loss_dispersive" in r and "loss_cos" in r for r in records)

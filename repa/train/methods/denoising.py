@@ -18,6 +18,7 @@ from torch import nn
 
 from repa.align import (
     alignment_loss,
+    attention_distillation_loss,
     derangement,
     dispersive_loss,
     resample_tokens,
@@ -27,7 +28,7 @@ from repa.align import (
 from repa.config import ExperimentConfig, ObjectiveOptions
 from repa.models.tread import gather_tokens
 from repa.train.methods.base import GroupLoss, MethodContext, ParamGroup, TrainingMethod
-from repa.train.methods.objectives import BlockTaps, check_objectives, heads_group
+from repa.train.methods.objectives import AttentionTaps, BlockTaps, check_objectives, heads_group
 from repa.train.optim import adamw, lr_at
 from repa.train.randomness import StepNoise
 from repa.transport import create_time_sampler, denoising_loss, interpolate
@@ -106,6 +107,10 @@ class DenoisingMethod(TrainingMethod):
         self.taps: BlockTaps | None = None  # hooks on the blocks whose outputs a term reads
         self.conv_projectors: nn.ModuleList | None = None  # iREPA, one per encoder
         self.heads_group: ParamGroup | None = None
+        # HASTE's attention distillation: the SiT's and the (first) encoder's attention logits
+        self.student_attention: AttentionTaps | None = None
+        self.teacher_attention: AttentionTaps | None = None
+        self._teacher_logits: dict[int, torch.Tensor] = {}
         # this micro-batch's terms of the heads' loss, each computed again from detached inputs
         self._head_terms: list[Callable[[], torch.Tensor]] = []
 
@@ -163,6 +168,17 @@ class DenoisingMethod(TrainingMethod):
         depths = self.tap_depths()
         if depths:
             self.taps = BlockTaps(context.model, depths)
+        if objective.attn_distill_weight > 0 and self.encoders:
+            pairs = objective.attention_pairs()
+            vit = getattr(self.encoders[0], "vit", None)
+            if vit is None or not hasattr(vit, "blocks"):
+                raise ValueError(
+                    f"--attn-distill-weight needs a ViT encoder; {self.encoders[0].name} exposes no blocks"
+                )
+            self.student_attention = AttentionTaps(context.model.blocks, [s for s, _ in pairs], 0, "the SiT")
+            self.teacher_attention = AttentionTaps(
+                vit.blocks, [e for _, e in pairs], vit.num_prefix_tokens, f"encoder {self.encoders[0].name}"
+            )
         return self
 
     def make_heads(self, context: MethodContext) -> dict[str, nn.Module]:
@@ -214,7 +230,7 @@ class DenoisingMethod(TrainingMethod):
         tokenizer's moments, or an encoder run on the fly): REPA and SiT on cached latents and
         features never read a PNG."""
         fields = {"latents"} & cached
-        if self.encoders and "features" in cached:
+        if self.encoders and "features" in cached and self.teacher_attention is None:
             fields.add("features")
         if "latents" not in fields or (self.encoders and "features" not in fields):
             fields.add("images")
@@ -226,9 +242,13 @@ class DenoisingMethod(TrainingMethod):
         loop asks the stream for them only when this run's single encoder made them), else the
         frozen encoders run on the images, the largest cost a cache saves. `device`: where the
         cached features go (default: the images')."""
-        if batch.features is not None and len(self.encoders) == 1:
+        if batch.features is not None and len(self.encoders) == 1 and self.teacher_attention is None:
             device = device if device is not None else images.device
             tokens = [batch.features.to(device, non_blocking=True).float()]
+        elif self.teacher_attention is not None:  # HASTE: the encoder's attention too (never cached)
+            with self.teacher_attention.capturing() as parts:
+                tokens = [encoder(images).float() for encoder in self.encoders]
+            self._teacher_logits = self.teacher_attention.logits(parts)  # (B, H_enc, T, T) per block
         else:
             tokens = [encoder(images).float() for encoder in self.encoders]
         if self.objective.target_norm == "zscore":  # iREPA: each image's spatial pattern
@@ -275,7 +295,11 @@ class DenoisingMethod(TrainingMethod):
             route["route_ids"] = noise.permutations("route", self.routed_tokens)  # (B, T)
         self._head_terms = []
         aligning = bool(self.encoders) and self.aligning()
-        with self.taps.capturing() if self.taps is not None else contextlib.nullcontext({}) as hidden:
+        distilling = aligning and self.student_attention is not None
+        with (
+            self.taps.capturing() if self.taps is not None else contextlib.nullcontext({}) as hidden,
+            self.student_attention.capturing() if distilling else contextlib.nullcontext({}) as attention,
+        ):
             pred_velocity, projections = model(x_t, t, labels, force_drop_ids=drop, **route)
         unused_projections = projections if not aligning else []
         if aligning and self.objective.align_target == "shuffled":
@@ -311,6 +335,16 @@ class DenoisingMethod(TrainingMethod):
             disperse = dispersive_loss(hidden_state, objective.dispersive_temperature)
             loss = loss + objective.dispersive_weight * disperse
             metrics["loss_dispersive"] = disperse.detach()
+        if distilling:  # HASTE: mean over the block pairs of the attention cross-entropy
+            student_logits, teacher_logits = self.student_attention.logits(attention), self._teacher_logits
+            terms = []
+            for student, teacher in objective.attention_pairs():
+                s, z = student_logits[student], teacher_logits[teacher]
+                heads = min(s.shape[1], z.shape[1])  # HASTE: the SiT's first 12 of 16 heads
+                terms.append(attention_distillation_loss(s[:, :heads], z[:, :heads]))
+            distil = torch.stack(terms).mean()
+            loss = loss + objective.attn_distill_weight * distil
+            metrics["loss_attn"] = distil.detach()
         extra, extra_metrics = self.extra_terms(hidden, latents, eps, t, labels, drop, noise)
         if extra is not None:
             loss = loss + extra

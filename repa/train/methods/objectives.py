@@ -52,6 +52,66 @@ class BlockTaps:
             self.outputs = None
 
 
+class AttentionTaps:
+    """Pre-softmax attention logits (B, H, T', T') of chosen blocks (1-based) during
+    `capturing()`, read off the attention modules' q_norm / k_norm outputs (identity modules when
+    there is no qk-norm), rotated by the RoPE the attention was given, times head_dim^-1/2, with
+    the first `prefix_tokens` tokens (an encoder's class and register tokens) dropped on both
+    axes. Works for repa's Attention and timm's. As BlockTaps: hooks stay, record only inside
+    `capturing()` and only for these modules."""
+
+    def __init__(self, blocks, depths: Iterable[int], prefix_tokens: int = 0, what: str = "the model"):
+        self.depths = sorted(set(depths))
+        self.prefix_tokens = prefix_tokens
+        self.parts: dict[int, dict] | None = None
+        for depth in self.depths:
+            if not 1 <= depth <= len(blocks):
+                raise ValueError(f"block {depth} of {what} does not exist: it has blocks 1..{len(blocks)}")
+            attention = blocks[depth - 1].attn
+            attention.register_forward_pre_hook(self._recorder(attention, depth, "rope"), with_kwargs=True)
+            attention.q_norm.register_forward_hook(self._recorder(attention.q_norm, depth, "q"))
+            attention.k_norm.register_forward_hook(self._recorder(attention.k_norm, depth, "k"))
+
+    def _recorder(self, owner: nn.Module, depth: int, part: str):
+        if part == "rope":  # repa's Attention.forward(x, rope); timm's takes none
+
+            def record_rope(module, args, kwargs):
+                if self.parts is not None and module is owner:
+                    self.parts.setdefault(depth, {})["rope"] = (
+                        args[1] if len(args) > 1 else kwargs.get("rope")
+                    )
+
+            return record_rope
+
+        def record(module, args, output):
+            if self.parts is not None and module is owner:
+                self.parts.setdefault(depth, {})[part] = output  # (B, heads, T, head_dim)
+
+        return record
+
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[dict[int, dict]]:
+        self.parts = {}
+        try:
+            yield self.parts
+        finally:
+            self.parts = None
+
+    def logits(self, parts: dict[int, dict]) -> dict[int, torch.Tensor]:
+        """What `capturing()` recorded, as logits per block: (B, heads, T', T')."""
+        logits = {}
+        for depth in self.depths:
+            if depth not in parts or "q" not in parts[depth]:
+                raise RuntimeError(f"block {depth}'s attention did not run in the captured forward")
+            q, k, rope = parts[depth]["q"], parts[depth]["k"], parts[depth].get("rope")
+            if rope is not None:
+                q, k = rope(q), rope(k)
+            p = self.prefix_tokens
+            q, k = q[:, :, p:].float(), k[:, :, p:].float()
+            logits[depth] = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+        return logits
+
+
 class _Reached(Exception):
     def __init__(self, output: torch.Tensor):
         self.output = output
@@ -101,6 +161,16 @@ def check_objectives(config: ExperimentConfig, method: str, self_aligned: bool =
         raise ValueError(
             f"--align-depth {config.model.align_depth} is out of range: the model has blocks 1..{depth}"
         )
+    if objective.attn_distill_weight > 0:
+        if not aligned:
+            raise ValueError(
+                f"--attn-distill-weight distils an encoder's attention, but --method {method} has none"
+            )
+        for student, _ in objective.attention_pairs():
+            if student > depth:
+                raise ValueError(
+                    f"--attn-distill-layers names block {student} of the SiT, which has blocks 1..{depth}"
+                )
     dispersive = objective.dispersive_depth or config.model.align_depth
     if objective.dispersive_weight > 0 and not 1 <= dispersive <= depth:
         raise ValueError(
