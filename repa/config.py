@@ -313,15 +313,10 @@ class ObjectiveOptions(_Section):
     dispersive_depth: int = option(
         0, "block (1-based) whose output the dispersive loss spreads (0: --align-depth)"
     )
-    attn_distill_weight: float = option(
-        0.0,
-        "HASTE's attention distillation: weight of the cross-entropy between the SiT's attention and the "
-        "encoder's over the patch tokens (0: off; HASTE: 0.5)",
-    )
-    attn_distill_layers: str = option(
-        "5:9,6:10,7:11,8:12",
-        "HASTE: SiT block:encoder block pairs, 1-based (HASTE for SiT-XL/2 and DINOv2-B); the first "
-        "min(heads) heads of each",
+    cls_loss_weight: float = option(
+        0.03,
+        "--method reg: weight of the class token's denoising loss (REG's --cls: 0.03)",
+        aliases=("--cls",),
     )
     sra_weight: float = option(0.5, "--method sra: weight of the self-alignment term (SRA's cos: 0.5)")
     sra_t_max: float = option(
@@ -337,13 +332,7 @@ class ObjectiveOptions(_Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in (
-            "cos_loss_weight",
-            "dispersive_weight",
-            "sra_weight",
-            "target_norm_gamma",
-            "attn_distill_weight",
-        ):
+        for name in ("cos_loss_weight", "dispersive_weight", "sra_weight", "target_norm_gamma"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.align_until_step < 0:
@@ -358,22 +347,8 @@ class ObjectiveOptions(_Section):
             )
         if not 0 < self.sra_t_max <= 1:
             raise ValueError(f"--sra-t-max must be in (0, 1], got {self.sra_t_max}")
-        self.attention_pairs()  # a readable --attn-distill-layers
         if self.sra_student_depth < 1 or self.sra_teacher_depth < 1:
             raise ValueError("--sra-student-depth and --sra-teacher-depth count blocks from 1")
-
-    def attention_pairs(self) -> list[tuple[int, int]]:
-        """--attn-distill-layers as (SiT block, encoder block) pairs, 1-based."""
-        try:
-            pairs = [tuple(int(n) for n in item.split(":")) for item in self.attn_distill_layers.split(",")]
-        except ValueError:
-            pairs = []
-        if not pairs or any(len(pair) != 2 or min(pair) < 1 for pair in pairs):
-            raise ValueError(
-                f"--attn-distill-layers {self.attn_distill_layers!r} must list SIT:ENCODER block pairs, "
-                "1-based, e.g. 5:9,6:10,7:11,8:12"
-            )
-        return pairs
 
 
 @dataclass
@@ -439,7 +414,7 @@ class RunOptions(_Section):
     method: str = option(
         "",
         "training method from the registry (repa/train/methods): sit | repa | repa-e | ldm | dispersive | "
-        "sra (default: repa with an encoder, sit without)",
+        "sra | reg (default: repa with an encoder, sit without)",
     )
     output_dir: str = option("runs", "parent directory of run directories")
     exp_name: str = option("", "run directory name under --output-dir (default: derived from the config)")
@@ -573,6 +548,12 @@ class ExperimentConfig:
         )
         return self
 
+    def class_token_dim(self, encoder_widths=()) -> int:
+        """REG's class-token width: the (single) encoder's token width for --method reg, else 0.
+        The method's name decides it here, torch-free, because eval rebuilds models from configs
+        without importing the training methods (eval/checkpoints.py also reads it off the weights)."""
+        return int(encoder_widths[0]) if self.method == "reg" and len(encoder_widths) else 0
+
     def model_overrides(self, input_size: int | None, in_channels: int = 4, projector_dims=()) -> dict:
         """Keyword overrides for repa.models.create_model from this config."""
         overrides = dict(
@@ -589,6 +570,8 @@ class ExperimentConfig:
             # iREPA's conv projector belongs to the method (repa/train/methods/denoising.py), not the model
             projector_out_dims=list(projector_dims) if self.objective.projector == "mlp" else [],
             in_channels=in_channels,
+            # REG (--method reg): the encoder's class token, as wide as its tokens, enters as token 0
+            class_token_dim=self.class_token_dim(projector_dims),
         )
         if input_size is not None:
             overrides["input_size"] = input_size

@@ -39,6 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument(
         "--cache-flipped-features", action="store_true", help="also store tokens of the flipped image"
     )
+    build.add_argument(
+        "--with-class-token",
+        action="store_true",
+        help="cached features hold the encoder's class token first, (1 + T, D), as --method reg reads them",
+    )
     build.add_argument("--encode-batch-size", type=int, default=64)
     build.add_argument(
         "--cache-text",
@@ -116,6 +121,14 @@ def run(args: argparse.Namespace) -> int:
 
                 encoder = create_encoder(args.cache_features, resolution=args.resolution)
                 encoder = encoder.to(device) if hasattr(encoder, "to") else encoder
+                if args.with_class_token:
+                    from repa.encoders import ClassTokenFirst
+
+                    encoder = ClassTokenFirst(encoder)
+        if args.with_class_token and not args.cache_features:
+            raise ValueError(
+                "--with-class-token stores the class token with the features: add --cache-features"
+            )
         text_encoder = None
         if args.cache_text:
             from repa.text import create_text_encoder

@@ -19,6 +19,13 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--method", choices=("euler", "heun"), default="euler", help="ODE integrator")
     group.add_argument("--num-steps", type=int, default=250, help="sampling steps (default 250)")
     group.add_argument("--cfg-scale", type=float, default=1.8, help="classifier-free guidance scale")
+    group.add_argument(
+        "--cls-cfg-scale",
+        type=float,
+        default=None,
+        help="REG checkpoints: guidance scale of the generated class token, applied where the image's "
+        "is (default: --cfg-scale; 0: none, as REG's flag)",
+    )
     group.add_argument("--guidance-low", type=float, default=0.0, help="guidance interval start (t=0 data)")
     group.add_argument("--guidance-high", type=float, default=0.7, help="guidance interval end (t=1 noise)")
     group.add_argument(
@@ -119,6 +126,7 @@ def sampler_settings_from_args(args: argparse.Namespace, default_time_shift: flo
         guidance_high=args.guidance_high,
         precision=args.precision,
         cfg_channels=args.cfg_channels,
+        cls_cfg_scale=args.cls_cfg_scale,
         time_shift=resolve_time_shift(args, default_time_shift),
         ddt_share=args.ddt_share,
         ddt_share_schedule=args.ddt_share_schedule,

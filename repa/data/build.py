@@ -489,6 +489,8 @@ def build_shards(
         "cache_features": _model_name(encoder),
         "cache_flipped_features": bool(encoder is not None and cache_flipped_features),
     }
+    if getattr(encoder, "class_token_first", False):  # REG: features are [class token; patches]
+        options["cache_class_token"] = True  # only then, as captions: other fingerprints stay
     if captioned:  # only then: fingerprints of uncaptioned builds stay as they were
         options.update(captions_file=captions_file, captions=True, cache_text=_model_name(text_encoder))
         if text_encoder is not None:

@@ -7,7 +7,7 @@
 Encoders are never trained and never saved with a run: they are rebuilt from their weights.
 """
 
-from .base import FrozenEncoder, ViTEncoder, check_token_grid, encoder_input_size
+from .base import ClassTokenFirst, FrozenEncoder, ViTEncoder, check_token_grid, encoder_input_size
 from .local import build_local_vit, load_local_encoder, save_local_encoder
 from .registry import (
     ENCODERS,
@@ -24,6 +24,7 @@ from .weights import EncoderWeightsError
 
 __all__ = [
     "ENCODERS",
+    "ClassTokenFirst",
     "NO_ENCODER",
     "EncoderSpec",
     "EncoderWeightsError",

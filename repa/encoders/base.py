@@ -165,6 +165,25 @@ class FrozenEncoder(nn.Module):
         with torch.no_grad():
             return self.encode(self.preprocess(images))
 
+    # ---- the class token (REG) ------------------------------------------------------------------
+    @property
+    def has_class_token(self) -> bool:
+        """Whether `forward_with_class_token` works (REG needs it); subclasses that have one say so."""
+        return False
+
+    def encode_with_class_token(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Preprocessed pixels -> (tokens (B,T,D), class token (B,D)). Implemented by subclasses."""
+        raise ValueError(
+            f"encoder '{self.name}' has no class token, which --method reg needs: choose an encoder "
+            "with one (e.g. dinov2-b)"
+        )
+
+    def forward_with_class_token(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images (B,3,R,R) -> (tokens (B,T,D), class token (B,D)), as `forward` (same
+        tokens), plus the class token through the same final norm (DINOv2's x_norm_clstoken)."""
+        with torch.no_grad():
+            return self.encode_with_class_token(self.preprocess(images))
+
     def extra_repr(self) -> str:
         rows, cols = self.token_grid(self.resolution)
         return (
@@ -195,6 +214,42 @@ class ViTEncoder(FrozenEncoder):
             pixels, indices=1, norm=self.final_norm, output_fmt="NLC", intermediates_only=True
         )
         return tokens
+
+    @property
+    def has_class_token(self) -> bool:
+        return getattr(self.vit, "cls_token", None) is not None
+
+    def encode_with_class_token(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.has_class_token:
+            return super().encode_with_class_token(pixels)
+        # prefix tokens (B, 1 + registers, D): the class token first (timm), then any registers
+        ((tokens, prefix),) = self.vit.forward_intermediates(
+            pixels,
+            indices=1,
+            norm=self.final_norm,
+            output_fmt="NLC",
+            intermediates_only=True,
+            return_prefix_tokens=True,
+        )
+        return tokens, prefix[:, 0]
+
+
+class ClassTokenFirst(nn.Module):
+    """An encoder whose tokens are [class token; patch tokens] (B, 1 + T, D): what `repa data build
+    --cache-features NAME --with-class-token` stores for REG. Same name and width as the encoder."""
+
+    class_token_first = True
+
+    def __init__(self, encoder: FrozenEncoder):
+        super().__init__()
+        if not encoder.has_class_token:
+            raise ValueError(f"encoder '{encoder.name}' has no class token for --with-class-token")
+        self.encoder = encoder
+        self.name, self.dim = encoder.name, encoder.dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens, class_token = self.encoder.forward_with_class_token(images)
+        return torch.cat([class_token.unsqueeze(1), tokens], dim=1)
 
 
 def check_token_grid(

@@ -216,7 +216,12 @@ def infer_architecture(state_dict: dict[str, torch.Tensor]) -> dict:
         state_dict = convert_legacy_state_dict(state_dict, align_depth=len(legacy_encoder_blocks))
     try:
         hidden, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
-        num_tokens = state_dict["pos_embed"].shape[1]
+        class_token_dim = (
+            int(state_dict["cls_projectors2.weight"].shape[1])
+            if "cls_projectors2.weight" in state_dict
+            else 0
+        )
+        num_tokens = state_dict["pos_embed"].shape[1] - (1 if class_token_dim else 0)  # REG: row 0
         table_rows = state_dict["y_embedder.embedding_table.weight"].shape[0]
     except KeyError as error:
         raise ValueError(f"not a SiT state dict: missing {error}") from None
@@ -244,6 +249,7 @@ def infer_architecture(state_dict: dict[str, torch.Tensor]) -> dict:
         rmsnorm="blocks.0.norm1.weight" in state_dict,
         wo_shift=modulation.shape[0] == 4 * hidden,
         adaln="single" if single else "block",
+        class_token_dim=class_token_dim,  # REG
     )
     if any(k.startswith("feat_rope.") for k in state_dict):
         architecture["rope"] = True  # without the tables the registered model decides
@@ -383,6 +389,7 @@ def load_generator(
             projector_dims=architecture["projector_out_dims"],
         )
         overrides["latent_batchnorm"] = architecture["latent_batchnorm"]
+        overrides["class_token_dim"] = architecture.get("class_token_dim", 0)  # REG: from the weights
         name = model or config.model.name
     else:
         name = model or hints.get("name") or infer_model_name(architecture)

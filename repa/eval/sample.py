@@ -65,10 +65,16 @@ class SamplerSettings:
     cfg_channels: int | None = None
     # timestep shift k: grid times t -> k t / (1 + (k - 1) t) (repa.transport.samplers); 1: none
     time_shift: float = 1.0
+    # REG models only: the CFG scale of the class token (None: cfg_scale; 0: not guided, as REG)
+    cls_cfg_scale: float | None = None
 
     def __post_init__(self) -> None:
         if not self.time_shift > 0:
             raise ValueError(f"time_shift must be > 0 (1 = no shift), got {self.time_shift}")
+        if self.cls_cfg_scale is not None and self.cls_cfg_scale < 0:
+            raise ValueError(
+                f"--cls-cfg-scale must be >= 0 (0: no class-token guidance), got {self.cls_cfg_scale}"
+            )
         if self.cfg_channels is not None and self.cfg_channels < 1:
             raise ValueError(f"cfg_channels must be >= 1 (or None for all channels), got {self.cfg_channels}")
         if self.precision not in PRECISION_CHOICES:
@@ -99,6 +105,8 @@ class SamplerSettings:
             del record["time_shift"]
         if record["ddt_share"] == 1:  # no sharing, whatever the schedule: records from before match
             del record["ddt_share"], record["ddt_share_schedule"]
+        if record["cls_cfg_scale"] is None:  # likewise
+            del record["cls_cfg_scale"]
         return record
 
 
@@ -145,19 +153,27 @@ def generate_batch(
     """uint8 images (B, 3, H, W) for these labels (B,) and per-sample seeds.
 
     velocity_fn: what the sampler calls (default: the model's velocity, or with --ddt-share a
-    DDT's encoder-sharing wrapper).
+    DDT's encoder-sharing wrapper). A REG model (class_token_dim > 0) is sampled through
+    ClassTokenSampling: its class token is integrated with the latent and discarded.
     """
     from repa.transport import sample
 
     device = torch.device(device) if device is not None else next(generator.model.parameters()).device
     autocast_dtype = resolve_precision(settings.precision, device).autocast_dtype
+    joint = ClassTokenSampling.for_model(generator.model, generator.latent_shape)
+    state_shape, cfg_channels, cfg_scale_map = generator.latent_shape, settings.cfg_channels, None
+    if joint is not None:
+        if velocity_fn is not None or settings.ddt_share != 1:
+            raise ValueError("a REG model samples with its own velocity (no --ddt-share)")
+        velocity_fn, state_shape, cfg_channels = joint, joint.state_shape, None
+        cfg_scale_map = joint.scale_map(settings.cfg_scale, settings.cls_cfg_scale, settings.cfg_channels)
     velocity_fn = velocity_fn or ddt_sharing_velocity(generator, settings, device) or generator.model.velocity
     with torch.autocast(
         device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
     ):
         latents = sample(
             velocity_fn,
-            generator.latent_shape,
+            state_shape,
             labels.to(device),
             seeds,
             mode=settings.mode,
@@ -168,10 +184,65 @@ def generate_batch(
             guidance_high=settings.guidance_high,
             null_label=generator.model.null_label,
             path=generator.path_type,
-            cfg_channels=settings.cfg_channels,
+            cfg_channels=cfg_channels,
             time_shift=settings.time_shift,
+            cfg_scale_map=cfg_scale_map,
         )
+    if joint is not None:
+        latents = joint.latents(latents)  # the generated class token is discarded
     return generator.decode(latents)  # decoded in float32, rounded to uint8
+
+
+class ClassTokenSampling:
+    """A REG model as one velocity field on the joint state (latent, class token), flattened to
+    (B, C*H*W + D_c), so every sampler integrates both with the shared t and per-sample noise:
+    the class token starts from N(0, I) like the latent (never from an encoder) and is dropped
+    at the end. `scale_map` gives the class token its own CFG scale (REG's --cls-cfg-scale)."""
+
+    def __init__(self, model, latent_shape: tuple[int, int, int]):
+        self.model, self.latent_shape = model, tuple(latent_shape)
+        self.class_token_dim = int(model.config.class_token_dim)
+        self.latent_size = math.prod(self.latent_shape)
+        self.state_shape = (self.latent_size + self.class_token_dim,)
+
+    @classmethod
+    def for_model(cls, model, latent_shape) -> ClassTokenSampling | None:
+        """The wrapper for a REG model, None for any other."""
+        return (
+            cls(model, latent_shape)
+            if getattr(getattr(model, "config", None), "class_token_dim", 0)
+            else None
+        )
+
+    def split(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C*H*W + D_c) -> latents (B, C, H, W), class tokens (B, D_c)."""
+        latent, class_token = state.split([self.latent_size, self.class_token_dim], dim=1)
+        return latent.reshape(-1, *self.latent_shape), class_token
+
+    def latents(self, state: torch.Tensor) -> torch.Tensor:
+        return self.split(state)[0]
+
+    def __call__(self, state: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        latent, class_token = self.split(state)
+        velocity, class_velocity = self.model.velocity(latent, t, labels, class_token=class_token)
+        return torch.cat([velocity.flatten(1), class_velocity.to(velocity.dtype)], dim=1)
+
+    def scale_map(
+        self, cfg_scale: float, cls_cfg_scale: float | None, cfg_channels: int | None
+    ) -> torch.Tensor:
+        """(C*H*W + D_c,) scales: cfg_scale on the latent (1, the conditional velocity, on channels
+        from cfg_channels on), cls_cfg_scale on the class token (None: cfg_scale; 0: 1, REG's "no
+        class-token guidance")."""
+        channels = self.latent_shape[0]
+        latent = torch.full(self.latent_shape, float(cfg_scale), dtype=torch.float64)
+        if cfg_channels is not None:
+            if cfg_channels > channels:
+                raise ValueError(f"cfg_channels {cfg_channels} exceeds the latent's {channels} channels")
+            latent[cfg_channels:] = 1.0
+        cls_scale = cfg_scale if cls_cfg_scale is None else (cls_cfg_scale or 1.0)
+        return torch.cat(
+            [latent.flatten(), torch.full((self.class_token_dim,), float(cls_scale), dtype=torch.float64)]
+        )
 
 
 # DDT's template for the dp schedule: 8 samples of fixed seeds and classes (DDT: seed 0).

@@ -16,7 +16,9 @@ with the REPA tap:
                                              key-padding mask and a null context for CFG
                                              (cross_attention.py); num_classes=0: no labels;
   tread_ratio (tread_start, tread_end)       TREAD: during training a fraction of the tokens skips
-                                             a range of blocks (tread.py); eval never routes.
+                                             a range of blocks (tread.py); eval never routes;
+  class_token_dim                            REG: the encoder's (noised) class token as one extra
+                                             token 0 with its own output head (docs/reg.md).
 
 Time convention: REPA's, t=0 is data and t=1 is noise; the network sees the raw t in [0, 1].
 `reverse_time` wraps weights trained the other way (LightningDiT's) so they speak ours.
@@ -47,6 +49,9 @@ from repa.models.layers import (
 from repa.models.rope import RotaryEmbedding2D
 from repa.models.swiglu import SwiGLU, swiglu_hidden_size
 from repa.models.tread import TokenRoute, num_kept_tokens, random_route_ids
+
+# a REG model's velocity: (latent velocity (B, C, H, W), class-token velocity (B, class_token_dim))
+ClassTokenVelocity = tuple[torch.Tensor, torch.Tensor]
 
 ADALN_MODES = ("block", "single")
 
@@ -133,17 +138,49 @@ class FinalLayer(nn.Module):
     at XL). PixArt replaces it with a (2, D) table plus the raw time embedding; keeping it is
     what the published "-31.8%, about 460M" for SiT-XL/2 counts, and keeps the final layer
     zero-initialised as in every other configuration.
+
+    REG (class_token_dim > 0): token 0 is the class token; after the shared norm and modulation
+    it goes to its own head `linear_cls` (D -> class_token_dim) and tokens 1.. to `linear`.
     """
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, rmsnorm: bool = False):
+    def __init__(
+        self,
+        hidden_size: int,
+        patch_size: int,
+        out_channels: int,
+        rmsnorm: bool = False,
+        class_token_dim: int = 0,
+    ):
         super().__init__()
         self.norm_final = block_norm(hidden_size, rmsnorm)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+        if class_token_dim:
+            self.linear_cls = nn.Linear(hidden_size, class_token_dim, bias=True)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, p*p*C); with a class token: ((B, T - 1, p*p*C) patches, (B, class_token_dim))."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, T, p*p*C)
+        x = modulate(self.norm_final(x), shift, scale)
+        if not hasattr(self, "linear_cls"):
+            return self.linear(x)  # (B, T, p*p*C)
+        return self.linear(x[:, 1:]), self.linear_cls(x[:, 0])
+
+
+class PrefixSkippingRope(nn.Module):
+    """A RoPE (or TREAD's routed one) that leaves the first `prefix` tokens unrotated: REG's class
+    token has no grid position. (B, heads, prefix + T, d) -> same."""
+
+    def __init__(self, rope: nn.Module, prefix: int):
+        super().__init__()
+        self.rope, self.prefix = rope, prefix
+
+    @classmethod
+    def wrap(cls, rope: nn.Module | None, prefix: int) -> nn.Module | None:
+        return rope if rope is None or prefix == 0 else cls(rope, prefix)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x[:, :, : self.prefix], self.rope(x[:, :, self.prefix :])], dim=2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,6 +236,10 @@ class SiTConfig:
     # DDT (repa/models/ddt.py): blocks 1..k form a condition encoder whose output conditions the
     # remaining blocks, a velocity decoder, per token; 0 (default): a plain SiT.
     ddt_encoder_depth: int = 0
+    # REG: width of the encoder class token that enters as token 0 (768 for DINOv2-B); 0: off.
+    # Keys cls_projectors2 (Linear(class_token_dim, D)), wg_norm (affine LayerNorm), pos_embed of
+    # N + 1 rows (row 0 zeros) and final_layer.linear_cls (D -> class_token_dim), REG's layout.
+    class_token_dim: int = 0
 
     def __post_init__(self) -> None:
         if self.input_size % self.patch_size:
@@ -230,6 +271,18 @@ class SiTConfig:
             raise ValueError(f"--num-classes must be >= 0 (0: no labels), got {self.num_classes}")
         self._check_cross_attention()
         self._check_tread()
+        self._check_class_token()
+
+    def _check_class_token(self) -> None:
+        if self.class_token_dim < 0:
+            raise ValueError(
+                f"class_token_dim must be >= 0 (0: no REG class token), got {self.class_token_dim}"
+            )
+        if self.class_token_dim and self.ddt_encoder_depth:
+            raise ValueError(
+                "REG's class token (--method reg) is not wired into DDT's condition encoder: use a SiT "
+                "model, or another --method"
+            )
 
     def _check_cross_attention(self) -> None:
         if self.context_dim < 0:
@@ -277,7 +330,13 @@ class SiTConfig:
 
     @property
     def num_tokens(self) -> int:
+        """Grid (patch) tokens; REG's class token comes on top (num_prefix_tokens)."""
         return self.grid_size**2
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the grid: REG's class token, or none."""
+        return 1 if self.class_token_dim else 0
 
 
 class SiT(nn.Module):
@@ -285,6 +344,9 @@ class SiT(nn.Module):
 
     forward(x, t, y) -> (velocity (B, C, H, W), [projected tokens (B, T, D_k) per encoder]);
     cross-attention models also take context=(B, L, context_dim), context_mask=(B, L).
+    REG models (class_token_dim > 0) also take class_token=(B, class_token_dim), the noisy class
+    token, and their velocity is the pair (latent velocity, class-token velocity (B, class_token_dim));
+    their projections cover [class token; patches] (B, 1 + T, D_k).
     """
 
     def __init__(self, config: SiTConfig):
@@ -303,8 +365,14 @@ class SiT(nn.Module):
             self.context_embedder = ContextEmbedder(
                 config.context_dim, hidden, config.context_length, config.null_context
             )
-        # Fixed sin-cos embedding, stored as a frozen Parameter as in the published checkpoints.
-        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, hidden), requires_grad=False)
+        if config.class_token_dim:  # REG: the noisy class token -> token 0
+            self.cls_projectors2 = nn.Linear(config.class_token_dim, hidden, bias=True)
+            self.wg_norm = nn.LayerNorm(hidden, elementwise_affine=True, eps=1e-6)
+        # Fixed sin-cos embedding, stored as a frozen Parameter as in the published checkpoints
+        # (REG: a row of zeros first, for the class token).
+        self.pos_embed = nn.Parameter(
+            torch.zeros(1, config.num_prefix_tokens + config.num_tokens, hidden), requires_grad=False
+        )
         # 2-D RoPE tables for this grid, shared by every block's attention (not saved).
         self.feat_rope = (
             RotaryEmbedding2D(hidden // config.num_heads, config.grid_size) if config.rope else None
@@ -330,7 +398,9 @@ class SiT(nn.Module):
         self.projectors = nn.ModuleList(
             [build_projector(hidden, config.projector_dim, dim) for dim in config.projector_out_dims]
         )
-        self.final_layer = FinalLayer(hidden, config.patch_size, config.out_channels, config.rmsnorm)
+        self.final_layer = FinalLayer(
+            hidden, config.patch_size, config.out_channels, config.rmsnorm, config.class_token_dim
+        )
         if config.latent_batchnorm:
             self.bn = nn.BatchNorm2d(config.in_channels, eps=1e-4, momentum=0.1, affine=False)
         self.initialize_weights()
@@ -357,7 +427,8 @@ class SiT(nn.Module):
 
         self.apply(init_linear)
         pos_embed = sincos_pos_embed_2d(self.config.hidden_size, self.config.grid_size)
-        self.pos_embed.data.copy_(torch.from_numpy(pos_embed).unsqueeze(0))
+        self.pos_embed.data.zero_()  # REG's row 0 stays zero
+        self.pos_embed.data[0, self.config.num_prefix_tokens :].copy_(torch.from_numpy(pos_embed))
         # The patch conv is initialised like a linear layer on its flattened kernel.
         weight = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
@@ -382,6 +453,9 @@ class SiT(nn.Module):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        if self.config.class_token_dim:  # REG: zero-initialised class-token head
+            nn.init.zeros_(self.final_layer.linear_cls.weight)
+            nn.init.zeros_(self.final_layer.linear_cls.bias)
 
     def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, T, p*p*C) -> (B, C, H, W); per token the order is (p_row, p_col, channel)."""
@@ -407,11 +481,20 @@ class SiT(nn.Module):
         t: torch.Tensor,
         y: torch.Tensor | None,
         force_drop_ids: torch.Tensor | None = None,
+        class_token: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_input(x)
         if self.config.reverse_time:
             t = 1 - t
-        tokens = self.x_embedder(x) + self.pos_embed  # (B, T, D)
+        tokens = self.x_embedder(x)  # (B, T, D)
+        if self.config.class_token_dim:  # REG: [class token; patches] (B, 1 + T, D)
+            prefix = self.wg_norm(self.cls_projectors2(self._checked_class_token(x, class_token)))
+            tokens = torch.cat([prefix.unsqueeze(1).to(tokens.dtype), tokens], dim=1)
+        elif class_token is not None:
+            raise ValueError(
+                "this model has no class token (class_token_dim=0, not a REG model): pass class_token=None"
+            )
+        tokens = tokens + self.pos_embed
         c = self.t_embedder(t)  # (B, D)
         if self.y_embedder is not None:
             if y is None:
@@ -420,6 +503,19 @@ class SiT(nn.Module):
         elif y is not None:
             raise ValueError("this model has no label embedder (num_classes=0): pass y=None")
         return tokens, c
+
+    def _checked_class_token(self, x: torch.Tensor, class_token: torch.Tensor | None) -> torch.Tensor:
+        width = self.config.class_token_dim
+        if class_token is None:
+            raise ValueError(
+                f"this is a REG model: pass class_token=(B, {width}), the noisy class token (samplers "
+                "integrate it through repa.eval.sample's ClassTokenSampling, never from an encoder)"
+            )
+        if tuple(class_token.shape) != (x.shape[0], width):
+            raise ValueError(
+                f"class_token must have shape {(x.shape[0], width)}, got {tuple(class_token.shape)}"
+            )
+        return class_token
 
     def _embed_context(
         self,
@@ -497,29 +593,37 @@ class SiT(nn.Module):
         """The blocks, in order: (tokens (B, T, D), projections). tap: apply the REPA projectors
         after block align_depth; align_only: stop there and return (None, projections). With a
         TREAD route, blocks route.start..route.end see only the kept tokens (B, K, D), the REPA tap
-        included when it lies inside (its projections are then of the kept tokens)."""
-        rope = self.feat_rope
+        included when it lies inside (its projections are then of the kept tokens). REG's class
+        token (token 0) is always kept and gets no RoPE rotation."""
+        prefix = self.config.num_prefix_tokens  # REG's class token: always kept, never rotated
+        rope = PrefixSkippingRope.wrap(self.feat_rope, prefix)
         projections: list[torch.Tensor] = []
         for index, block in enumerate(self.blocks):
             if route is not None and index == route.start:
-                tokens = route.leave(tokens)  # (B, K, D)
-                rope = route.rope(self.feat_rope)
+                # (B, K, D), after the prefix tokens; TREAD routes grid tokens only
+                tokens = torch.cat([tokens[:, :prefix], route.leave(tokens[:, prefix:])], dim=1)
+                rope = PrefixSkippingRope.wrap(route.rope(self.feat_rope), prefix)
             tokens = self._run_block(block, tokens, block_c, rope, context)
             if route is not None and index == route.end:
-                tokens = route.rejoin(tokens)  # (B, T, D): skipped tokens at their pre-route values
-                rope = self.feat_rope
+                # (B, T, D): skipped tokens at their pre-route values
+                tokens = torch.cat([tokens[:, :prefix], route.rejoin(tokens[:, prefix:])], dim=1)
+                rope = PrefixSkippingRope.wrap(self.feat_rope, prefix)
             if tap and index + 1 == self.config.align_depth:
                 projections = [projector(tokens) for projector in self.projectors]  # each (B, T or K, D_k)
                 if align_only:
                     return None, projections
         return tokens, projections
 
-    def _output(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        velocity = self.unpatchify(self.final_layer(tokens, c))  # (B, C_out, H, W)
+    def _output(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor | ClassTokenVelocity:
+        """(B, C_out, H, W); REG: the pair (that, class-token velocity (B, class_token_dim))."""
+        out = self.final_layer(tokens, c)
+        patches, class_velocity = out if self.config.class_token_dim else (out, None)
+        velocity = self.unpatchify(patches)  # (B, C_out, H, W)
         if self.config.reverse_time:  # v_ours = -v_theirs (a learned variance keeps its sign)
             channels = self.config.in_channels
             velocity = torch.cat([-velocity[:, :channels], velocity[:, channels:]], dim=1)
-        return velocity
+            class_velocity = None if class_velocity is None else -class_velocity
+        return velocity if class_velocity is None else (velocity, class_velocity)
 
     def forward(
         self,
@@ -532,7 +636,8 @@ class SiT(nn.Module):
         align_only: bool = False,
         force_drop_ids: torch.Tensor | None = None,
         route_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        class_token: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | ClassTokenVelocity | None, list[torch.Tensor]]:
         """Velocity and projected alignment tokens.
 
         x: (B, C, H, W) noisy latents; t: (B,) times in [0, 1]; y: (B,) int64 labels, or None
@@ -547,11 +652,14 @@ class SiT(nn.Module):
         with tread_ratio > 0; the model draws its own when None). With the REPA tap inside the
         route, the projections are of the kept tokens: (B, K, D_k), K = (1 - r) T, in the order
         route_ids[:, :K] (gather the targets with repa.models.tread.gather_tokens).
+        class_token: (B, class_token_dim), REG's noisy class token (REG models only, required);
+        the velocity is then the pair (latent velocity, class-token velocity) and the projections
+        cover [class token; patches] (B, 1 + T or 1 + K, D_k): REG's token is always kept.
         """
         if align_only and not len(self.projectors):
             raise ValueError("align_only=True needs a model with projectors (projector_out_dims is empty)")
         force_drop_ids = self._condition_drop(x, force_drop_ids)
-        tokens, c = self._embed(x, t, y, force_drop_ids)
+        tokens, c = self._embed(x, t, y, force_drop_ids, class_token)
         context_tokens = self._embed_context(context, context_mask, force_drop_ids)
         route = self._route(route_ids, x.shape[0], x.device)
         tokens, projections = self._run_blocks(
@@ -575,18 +683,22 @@ class SiT(nn.Module):
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         force_drop_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        class_token: torch.Tensor | None = None,
+    ) -> torch.Tensor | ClassTokenVelocity:
         """The sampler's view: velocity only; the projectors are never evaluated and TREAD never
         routes. force_drop_ids: (B,) bool, the rows to predict unconditionally (null label and
-        null context); cross-attention models sample through cross_attention.CaptionVelocity."""
+        null context); cross-attention models sample through cross_attention.CaptionVelocity.
+        REG models take the noisy class_token and return the pair (latent velocity, class-token
+        velocity); the samplers integrate both through repa.eval.sample.ClassTokenSampling."""
         force_drop_ids = self._condition_drop(x, force_drop_ids)
-        tokens, c = self._embed(x, t, y, force_drop_ids)
+        tokens, c = self._embed(x, t, y, force_drop_ids, class_token)
         context_tokens = self._embed_context(context, context_mask, force_drop_ids)
         tokens, _ = self._run_blocks(tokens, self._block_condition(c), context_tokens)
         velocity = self._output(tokens, c)
+        velocity, class_velocity = velocity if self.config.class_token_dim else (velocity, None)
         if self.config.learn_sigma:
             velocity = velocity[:, : self.config.in_channels]
-        return velocity
+        return velocity if class_velocity is None else (velocity, class_velocity)
 
     # --- REPA-E latent normalisation (only when config.latent_batchnorm) ---
 

@@ -111,7 +111,9 @@ def read_shard_manifest(config: ExperimentConfig) -> dict:
 
 def cached_fields(config: ExperimentConfig, manifest: dict, tokenizer, encoders) -> tuple[bool, bool]:
     """Whether to read cached latents / features from the shards: only when the manifest says
-    they were made by this run's tokenizer / (single) encoder, so a stale cache is never used."""
+    they were made by this run's tokenizer / (single) encoder, so a stale cache is never used.
+    Features hold the class token first exactly when built with --with-class-token, which REG
+    (--method reg) needs and the other methods do not read."""
     fields, options = manifest.get("fields", {}), manifest.get("options", {})
     flip = config.data.random_flip
     with_latents = (
@@ -127,6 +129,7 @@ def cached_fields(config: ExperimentConfig, manifest: dict, tokenizer, encoders)
         and "features" in fields
         and (not flip or "features_flipped" in fields)
         and options.get("cache_features") == encoders[0].name
+        and bool(options.get("cache_class_token")) == (config.class_token_dim([encoders[0].dim]) > 0)
     )
     return bool(with_latents), bool(with_features)
 

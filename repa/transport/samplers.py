@@ -18,6 +18,8 @@ s u / (1 + (s - 1) u); written in t that is exactly the map above with k = 1 / s
 With `cfg_channels` N only the first N latent channels are guided and the
 others keep the conditional prediction, as DiT, SiT, LightningDiT and PixArt do with N = 3, so
 their published CFG scales reproduce (docs/conventions.md, "Sampling and evaluation").
+`cfg_scale_map` gives each element of the state its own scale inside the interval (REG's joint
+state: the latent's scale on the latent, --cls-cfg-scale on the class token; repa.eval.sample).
 Inside the interval the model is called once on the stacked batch [x; x] with labels [y; null];
 outside it (or with scale 1) only the conditional half is computed. In the SDE guidance is
 applied to the velocity before the drift; since the drift is affine in v with the same x for
@@ -122,6 +124,9 @@ class Guidance:
     high: float = 1.0
     null_label: int | None = None
     channels: int | None = None  # guide only the first N channels (None: all)
+    # per-element scales of the state (broadcast over the batch), used in place of `scale` when
+    # guiding; `scale` still decides whether guidance is on (None: `scale` everywhere)
+    scale_map: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.channels is not None and (isinstance(self.channels, bool) or self.channels < 1):
@@ -166,7 +171,8 @@ def guided_velocity(
     t_both = torch.full((2 * batch_size,), t, device=x.device, dtype=model_dtype)
     velocity_both = velocity_fn(x_both, t_both, torch.cat([labels, null_labels])).to(x.dtype)
     velocity_cond, velocity_uncond = velocity_both.chunk(2)
-    guided = velocity_uncond + guidance.scale * (velocity_cond - velocity_uncond)
+    scale = guidance.scale if guidance.scale_map is None else guidance.scale_map.to(x.device, x.dtype)
+    guided = velocity_uncond + scale * (velocity_cond - velocity_uncond)
     if guidance.channels is None:
         return guided
     if guidance.channels > x.shape[1]:
@@ -275,6 +281,7 @@ def sample(
     model_dtype: torch.dtype | None = None,
     cfg_channels: int | None = None,
     time_shift: float = 1.0,
+    cfg_scale_map: Tensor | None = None,
 ) -> Tensor:
     """Generate a batch by integrating `velocity_fn` from t=1 to t=0.
 
@@ -290,6 +297,8 @@ def sample(
         None (default) guides every channel, as REPA does.
     time_shift: k of the timestep shift t -> k t / (1 + (k - 1) t) applied to the time grid
         (1: none; LightningDiT's timestep_shift s is k = 1 / s).
+    cfg_scale_map: per-sample-shaped scales used in place of cfg_scale where guidance applies (it
+        applies where cfg_scale != 1 and t is in the interval), e.g. REG's two scales.
     path: "linear" | "cosine", used by the SDE's score. model_dtype: dtype of x and t given to the
         model (default: the state's dtype; under autocast leave it unset).
     Returns the final state (B, ...) in float32 (float64 if the given noise was float64).
@@ -304,7 +313,12 @@ def sample(
     path = parse_path(path)
     grid = time_grid(mode, num_steps, time_shift)
     guidance = Guidance(
-        scale=cfg_scale, low=guidance_low, high=guidance_high, null_label=null_label, channels=cfg_channels
+        scale=cfg_scale,
+        low=guidance_low,
+        high=guidance_high,
+        null_label=null_label,
+        channels=cfg_channels,
+        scale_map=cfg_scale_map,
     )
 
     if labels.ndim != 1:

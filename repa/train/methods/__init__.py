@@ -8,6 +8,7 @@
   repa-e REPA-E: the VAE trained end to end through the alignment loss repae.py
   dispersive  sit (or repa, with --encoder) + the dispersive loss      denoising.py
   sra    SRA: self-alignment to the EMA model at a lower noise level    sra.py
+  reg    REG: repa + the encoder's noised class token as token 0        reg.py
          (objective options of any of these: docs/objectives.md)
 
 Adding a method is a class (repa.train.methods.base.TrainingMethod) and one `register_method`
@@ -27,6 +28,7 @@ _REGISTRY: dict[str, object] = {
     "repa-e": "repa.train.methods.repae:REPAEMethod",
     "dispersive": "repa.train.methods.denoising:DenoisingMethod",
     "sra": "repa.train.methods.sra:SRAMethod",
+    "reg": "repa.train.methods.reg:REGMethod",
 }
 
 
