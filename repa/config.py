@@ -313,6 +313,16 @@ class ObjectiveOptions(_Section):
     dispersive_depth: int = option(
         0, "block (1-based) whose output the dispersive loss spreads (0: --align-depth)"
     )
+    attn_distill_weight: float = option(
+        0.0,
+        "HASTE's attention distillation: weight of the cross-entropy between the SiT's attention and the "
+        "encoder's over the patch tokens (0: off; HASTE: 0.5)",
+    )
+    attn_distill_layers: str = option(
+        "5:9,6:10,7:11,8:12",
+        "HASTE: SiT block:encoder block pairs, 1-based (HASTE for SiT-XL/2 and DINOv2-B); the first "
+        "min(heads) heads of each",
+    )
     cls_loss_weight: float = option(
         0.03,
         "--method reg: weight of the class token's denoising loss (REG's --cls: 0.03)",
@@ -332,7 +342,13 @@ class ObjectiveOptions(_Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("cos_loss_weight", "dispersive_weight", "sra_weight", "target_norm_gamma"):
+        for name in (
+            "cos_loss_weight",
+            "dispersive_weight",
+            "sra_weight",
+            "target_norm_gamma",
+            "attn_distill_weight",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.align_until_step < 0:
@@ -347,8 +363,22 @@ class ObjectiveOptions(_Section):
             )
         if not 0 < self.sra_t_max <= 1:
             raise ValueError(f"--sra-t-max must be in (0, 1], got {self.sra_t_max}")
+        self.attention_pairs()  # a readable --attn-distill-layers
         if self.sra_student_depth < 1 or self.sra_teacher_depth < 1:
             raise ValueError("--sra-student-depth and --sra-teacher-depth count blocks from 1")
+
+    def attention_pairs(self) -> list[tuple[int, int]]:
+        """--attn-distill-layers as (SiT block, encoder block) pairs, 1-based."""
+        try:
+            pairs = [tuple(int(n) for n in item.split(":")) for item in self.attn_distill_layers.split(",")]
+        except ValueError:
+            pairs = []
+        if not pairs or any(len(pair) != 2 or min(pair) < 1 for pair in pairs):
+            raise ValueError(
+                f"--attn-distill-layers {self.attn_distill_layers!r} must list SIT:ENCODER block pairs, "
+                "1-based, e.g. 5:9,6:10,7:11,8:12"
+            )
+        return pairs
 
 
 @dataclass
