@@ -61,6 +61,7 @@ Logger = Literal["wandb", "tensorboard"]  # repa.train.logging
 EvalMetric = Literal["fid", "sfid", "is", "prc", "fd-dinov2", "fd"]  # repa.eval.metrics.METRICS
 WandbMode = Literal["online", "offline"]
 AdaLNMode = Literal["block", "single"]  # repa.models.sit.ADALN_MODES
+NullContextMode = Literal["empty", "learned", "fixed"]  # repa.models.cross_attention.NULL_CONTEXT_MODES
 AlignTarget = Literal["encoder", "shuffled"]
 ProjectorKind = Literal["mlp", "conv"]
 TargetNorm = Literal["none", "zscore"]
@@ -139,6 +140,18 @@ class ModelOptions(_Section):
     num_classes: int = option(1000, "number of classes; the null class for CFG is this index")
     class_dropout_prob: float = option(
         0.1, "label dropout for classifier-free guidance", aliases=("--cfg-prob",)
+    )
+    # Text-to-image (docs/text_to_image.md): cross-attention to the shards' cached caption embeddings.
+    context_dim: int | None = option(
+        None,
+        "text models: width of the cached caption embeddings the SiT cross-attends to (default: the "
+        "shards' cached text width when they hold text (repa data build --cache-text), else 0; 0: no "
+        "text, class labels instead); the caption drops to the null caption at --class-dropout-prob",
+    )
+    null_context: NullContextMode = option(
+        "empty",
+        "text models: the null caption of CFG: empty = the text encoder's embedding of the empty caption "
+        "(REPA's, the shards' null_text.npy), learned, fixed (PixArt's random buffer)",
     )
     qk_norm: bool | None = option(
         None,
@@ -584,8 +597,11 @@ class ExperimentConfig:
         without importing the training methods (eval/checkpoints.py also reads it off the weights)."""
         return int(encoder_widths[0]) if self.method == "reg" and len(encoder_widths) else 0
 
-    def model_overrides(self, input_size: int | None, in_channels: int = 4, projector_dims=()) -> dict:
-        """Keyword overrides for repa.models.create_model from this config."""
+    def model_overrides(
+        self, input_size: int | None, in_channels: int = 4, projector_dims=(), text_shape=None
+    ) -> dict:
+        """Keyword overrides for repa.models.create_model from this config. `text_shape`: (L, D)
+        of the training shards' cached caption embeddings (their manifest's text_shape), or None."""
         overrides = dict(
             align_depth=self.model.align_depth,
             projector_dim=self.model.projector_dim,
@@ -605,10 +621,32 @@ class ExperimentConfig:
         )
         if input_size is not None:
             overrides["input_size"] = input_size
+        overrides.update(self.text_overrides(text_shape))
         for name in ("hidden_size", "depth", "num_heads", "swiglu", "rmsnorm", "rope", "qk_norm",
                      "ddt_encoder_depth"):  # fmt: skip
             if getattr(self.model, name) is not None:
                 overrides[name] = getattr(self.model, name)
+        return overrides
+
+    def text_overrides(self, text_shape=None) -> dict:
+        """A text model's options: cross-attention to captions of width --context-dim (default: the
+        shards' cached width D of text_shape (L, D)), as many null-caption rows as the captions have
+        tokens, no label embedder. {} for a class-conditional model."""
+        context_dim = self.model.context_dim
+        if context_dim is None:
+            context_dim = int(text_shape[1]) if text_shape else 0
+        elif context_dim and text_shape and int(text_shape[1]) != context_dim:
+            raise ValueError(
+                f"--context-dim {context_dim}, but the shards cache {int(text_shape[1])}-wide text "
+                "embeddings: leave --context-dim unset (it is read from the shards) or rebuild them"
+            )
+        if context_dim < 0:
+            raise ValueError(f"--context-dim must be >= 0 (0: no text), got {context_dim}")
+        if not context_dim:
+            return {}
+        overrides = {"context_dim": context_dim, "null_context": self.model.null_context, "num_classes": 0}
+        if text_shape:
+            overrides["context_length"] = int(text_shape[0])
         return overrides
 
     def to_dict(self) -> dict:

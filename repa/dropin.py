@@ -283,11 +283,11 @@ def check_architecture(generator, args: argparse.Namespace) -> None:
     """REPA's generate.py architecture flags must agree with what repa read off the weights."""
     config = generator.model.config
     found = {
-        "--num-classes": config.num_classes,
+        "--num-classes": getattr(config, "num_classes", 0),  # an MMDiT has no labels, no qk norm
         "--encoder-depth": config.align_depth,
         "--resolution": generator.resolution,
         "--projector-embed-dims": ",".join(str(d) for d in config.projector_out_dims),
-        "--qk-norm": config.qk_norm,
+        "--qk-norm": getattr(config, "qk_norm", False),
     }
     given = {
         "--num-classes": args.num_classes,

@@ -142,7 +142,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="RUN_OR_CHECKPOINT",
         help="run dir, checkpoint folder, or weights file (or REPA's --ckpt, REPA-E's --exp-path)",
     )
-    parser.add_argument("--num-samples", type=int, default=50_000, help="images to sample (default 50000)")
+    parser.add_argument(
+        "--num-samples",
+        type=int,
+        default=None,
+        help="images to sample (default 50000; with --prompts / --captions-from, one per caption)",
+    )
     parser.add_argument("--output", default=None, help="the .npz to write (arr_0: uint8 N x H x W x 3)")
     parser.add_argument("--checkpoint-step", type=int, default=None, help="step of a run (default: newest)")
     parser.add_argument("--grid", default=None, help="also save a PNG grid of the first 64 images")
@@ -150,6 +155,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--chunk-size", type=int, default=500, help="images per resumable chunk file (default 500)"
     )
     parser.add_argument("--keep-parts", action="store_true", help="keep the chunk files after merging")
+    text = parser.add_argument_group("text models (docs/text_to_image.md)")
+    text.add_argument(
+        "--prompts",
+        default=None,
+        metavar="FILE.txt",
+        help="one prompt per line, encoded by the run's text encoder (its shards' --cache-text); one image "
+        "per prompt (--num-samples defaults to their count; more cycles through them); written beside "
+        "the .npz as OUTPUT.prompts.txt",
+    )
+    text.add_argument(
+        "--captions-from",
+        default=None,
+        metavar="SHARDS",
+        help="sample the first caption of each image of these shards, from their cached embeddings "
+        "(e.g. COCO val2014 built with the run's --cache-text)",
+    )
+    text.add_argument(
+        "--text-encoder-weights",
+        default=None,
+        metavar="DIR",
+        help="--prompts: a local transformers folder of the run's text encoder (default: packaged or hub)",
+    )
     add_sampler_arguments(parser)
     add_model_arguments(parser)
     add_sample_arguments(parser)  # after the flags they alias, whose defaults stand
@@ -171,20 +198,40 @@ def run(args: argparse.Namespace) -> int:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     generator = load_generator(source.pop("path"), **source)
     check_architecture(generator, args)
+    num_samples, labels = args.num_samples or 50_000, args.labels
+    if args.prompts or args.captions_from:
+        generator = with_text(generator, args)
+        labels = "ordered"  # image i takes caption i mod N
+        num_samples = args.num_samples or generator.num_classes  # default: one image per caption
+    elif generator.text_conditioned:
+        raise ValueError("this is a text model: give --prompts FILE.txt or --captions-from SHARDS")
     # the model's own timestep shift (its config's --time-shift) unless a flag gives one
     time_shift = generator.config.transport.time_shift if generator.config is not None else 1.0
     output = sample_to_npz(
         generator,
         output_path,
-        num_samples=args.num_samples,
+        num_samples=num_samples,
         settings=sampler_settings_from_args(args, time_shift),
         seed=args.seed,
-        labels=args.labels,
+        labels=labels,
         batch_size=sample_batch_size(args, int(os.environ.get("WORLD_SIZE", "1"))),
         chunk_size=args.chunk_size,
         grid=args.grid,
         keep_parts=args.keep_parts,
     )
     if os.environ.get("RANK", "0") == "0":
-        print(f"wrote {output} ({args.num_samples} samples, step {generator.step})")
+        print(f"wrote {output} ({num_samples} samples, step {generator.step})")
     return 0
+
+
+def with_text(generator, args: argparse.Namespace):
+    """The generator sampling --prompts (encoded now) or --captions-from's cached captions."""
+    from repa.eval.captions import captions_from_shards, encode_prompts, read_prompts, run_text_encoder
+
+    if args.prompts and args.captions_from:
+        raise ValueError("give --prompts FILE.txt or --captions-from SHARDS, not both")
+    if args.prompts:
+        prompts = read_prompts(args.prompts)
+        encoder = run_text_encoder(generator.config, weights=args.text_encoder_weights)
+        return generator.with_captions(*encode_prompts(encoder, prompts, generator.model), prompts)
+    return generator.with_captions(*captions_from_shards(args.captions_from, None, generator.model))

@@ -32,6 +32,7 @@ Eval reads checkpoints through repa.runs (the layout); it never imports repa.tra
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -64,10 +65,35 @@ class Generator:
     step: int | None = None  # training step, when known
     run_dir: Path | None = None
     config: object | None = None  # repa.config.ExperimentConfig, when the checkpoint has one
+    # a text model's captions to sample (with_captions): embeddings (N, L, D), mask (N, L) bool,
+    # and their text; the sampler's labels are then rows of this table
+    captions: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    caption_texts: list[str] | None = None
 
     @property
     def num_classes(self) -> int:
+        """The range of the sampler's labels: the classes, or the caption rows of a text model."""
+        if self.captions is not None:
+            return int(self.captions[0].shape[0])
         return self.model.config.num_classes
+
+    @property
+    def text_conditioned(self) -> bool:
+        return bool(getattr(self.model.config, "context_dim", 0))
+
+    def with_captions(
+        self, embeddings: torch.Tensor, mask: torch.Tensor | None, texts: list[str]
+    ) -> Generator:
+        """This generator sampling the given captions (a text model): label i = caption i."""
+        if not self.text_conditioned:
+            raise ValueError(
+                "prompts and captions condition text models only; this model is class-conditional"
+            )
+        if embeddings.ndim != 3 or len(texts) != embeddings.shape[0]:
+            raise ValueError(
+                f"captions must be (N, L, D) with N texts, got {tuple(embeddings.shape)}, {len(texts)}"
+            )
+        return dataclasses.replace(self, captions=(embeddings, mask), caption_texts=list(texts))
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -97,7 +123,7 @@ class Generator:
         from repa.tokenizers.base import float_to_images
 
         latents = latents.float()
-        if self.model.config.latent_batchnorm:
+        if getattr(self.model.config, "latent_batchnorm", False):
             # REPA-E: the SiT works on BatchNorm-normalised VAE latents; undo it with the EMA
             # running statistics, then decode the raw latents (the tokenizer's own scale is unused).
             images = float_to_images(self.tokenizer.decode_float(self.model.denormalize_latents(latents)))
@@ -211,6 +237,8 @@ def infer_architecture(state_dict: dict[str, torch.Tensor]) -> dict:
         from repa.models.ddt import infer_ddt_architecture
 
         return infer_ddt_architecture(state_dict)
+    if "joint_blocks.0.x_block.attn.qkv.weight" in state_dict:  # REPA's MMDiT (repa.models.mmdit)
+        return _infer_mmdit_architecture(state_dict)
     legacy_encoder_blocks = {int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")}
     if any(k.startswith("decoder_blocks.") for k in state_dict):
         state_dict = convert_legacy_state_dict(state_dict, align_depth=len(legacy_encoder_blocks))
@@ -222,7 +250,11 @@ def infer_architecture(state_dict: dict[str, torch.Tensor]) -> dict:
             else 0
         )
         num_tokens = state_dict["pos_embed"].shape[1] - (1 if class_token_dim else 0)  # REG: row 0
-        table_rows = state_dict["y_embedder.embedding_table.weight"].shape[0]
+        null_context = state_dict.get("context_embedder.null_context")  # text models: (L, D)
+        if null_context is None or "y_embedder.embedding_table.weight" in state_dict:
+            table_rows = state_dict["y_embedder.embedding_table.weight"].shape[0]
+        else:
+            table_rows = 1  # a text model without labels (num_classes=0)
     except KeyError as error:
         raise ValueError(f"not a SiT state dict: missing {error}") from None
     grid = round(num_tokens**0.5)
@@ -251,12 +283,43 @@ def infer_architecture(state_dict: dict[str, torch.Tensor]) -> dict:
         adaln="single" if single else "block",
         class_token_dim=class_token_dim,  # REG
     )
+    if null_context is not None:  # cross-attention to text: width, caption length, null caption
+        architecture.update(
+            context_dim=int(null_context.shape[1]),
+            context_length=int(null_context.shape[0]),
+            # "fixed" and "learned" tables load alike; "empty" keeps the empty caption's mask too
+            null_context="empty" if "context_embedder.null_context_mask" in state_dict else "learned",
+        )
     if any(k.startswith("feat_rope.") for k in state_dict):
         architecture["rope"] = True  # without the tables the registered model decides
     if projectors:
         architecture["projector_dim"] = int(state_dict["projectors.0.0.weight"].shape[0])
         # The tap depth does not change the velocity; legacy files tell it, otherwise REPA's 8.
         architecture["align_depth"] = len(legacy_encoder_blocks) if legacy_encoder_blocks else min(8, depth)
+    return architecture
+
+
+def _infer_mmdit_architecture(state_dict: dict[str, torch.Tensor]) -> dict:
+    """MMDiTConfig fields of an MMDiT state dict (heads and the tap depth come from the config)."""
+    hidden, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
+    projectors = sorted({int(k.split(".")[1]) for k in state_dict if k.startswith("projectors.")})
+    architecture = dict(
+        hidden_size=int(hidden),
+        depth=len({int(k.split(".")[1]) for k in state_dict if k.startswith("joint_blocks.")}),
+        patch_size=int(patch),
+        in_channels=int(in_channels),
+        input_size=round(state_dict["pos_embed"].shape[1] ** 0.5) * int(patch),
+        num_classes=0,
+        latent_batchnorm=False,
+        context_dim=int(state_dict["context_embedder.weight"].shape[1]),
+        projector_out_dims=[int(state_dict[f"projectors.{k}.4.weight"].shape[0]) for k in projectors],
+    )
+    if "null_context" in state_dict:  # learned; else the empty caption, from the shards
+        architecture.update(context_length=int(state_dict["null_context"].shape[0]), null_context="learned")
+    else:
+        architecture["null_context"] = "empty"
+    if projectors:
+        architecture["projector_dim"] = int(state_dict["projectors.0.0.weight"].shape[0])
     return architecture
 
 
@@ -390,6 +453,9 @@ def load_generator(
         )
         overrides["latent_batchnorm"] = architecture["latent_batchnorm"]
         overrides["class_token_dim"] = architecture.get("class_token_dim", 0)  # REG: from the weights
+        for key in ("context_dim", "context_length", "null_context", "num_classes"):
+            if architecture.get("context_dim") and key in architecture:  # a text model, from the weights
+                overrides[key] = architecture[key]
         name = model or config.model.name
     else:
         name = model or hints.get("name") or infer_model_name(architecture)
@@ -405,6 +471,12 @@ def load_generator(
         overrides["reverse_time"] = reverse_time
     sit = create_model(name, **overrides)
     load_state_dict_strict(sit, state_dict)
+    if getattr(sit, "null_context", True) is None:  # an MMDiT's empty caption is not in its weights
+        if config is None:
+            raise ValueError(f"{weights_path}: an MMDiT with the empty null caption needs its run's config")
+        from repa.data.shards import read_null_text
+
+        sit.set_null_context(*(torch.tensor(array) for array in read_null_text(config.data.data)))
     sit.eval().requires_grad_(False)
     tokenizer_module.eval().requires_grad_(False)
     generator = Generator(

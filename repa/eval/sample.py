@@ -22,6 +22,7 @@ restart with different settings is refused rather than mixed.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -40,7 +41,7 @@ from repa.precision import CHOICES as PRECISION_CHOICES
 from repa.precision import resolve_precision
 from repa.utils.files import atomic_path, write_bytes_atomic
 
-LABEL_SCHEMES = ("balanced", "random")
+LABEL_SCHEMES = ("balanced", "random", "ordered")
 _BALANCED_STREAM, _RANDOM_STREAM = 1, 2
 
 
@@ -129,6 +130,8 @@ def class_labels(num_samples: int, num_classes: int, seed: int, scheme: str = "b
             np.random.default_rng([seed, _BALANCED_STREAM, b]).permutation(num_classes) for b in range(blocks)
         ]
         return np.concatenate(perms)[:num_samples].astype(np.int64) if perms else np.zeros(0, np.int64)
+    if scheme == "ordered":  # label i mod K: a text model's captions in their order, one image each
+        return (np.arange(num_samples) % num_classes).astype(np.int64)
     if scheme == "random":
         return (
             np.random.default_rng([seed, _RANDOM_STREAM])
@@ -167,6 +170,27 @@ def generate_batch(
             raise ValueError("a REG model samples with its own velocity (no --ddt-share)")
         velocity_fn, state_shape, cfg_channels = joint, joint.state_shape, None
         cfg_scale_map = joint.scale_map(settings.cfg_scale, settings.cls_cfg_scale, settings.cfg_channels)
+    null_label = getattr(generator.model, "null_label", None)  # (text models: CaptionVelocity's)
+    if generator.captions is not None:
+        # a text model: the labels are rows of the caption table; CFG's unconditional half takes
+        # the null caption (CaptionVelocity's null label), so the samplers need no change
+        from repa.models.cross_attention import CaptionVelocity
+
+        if velocity_fn is not None or settings.ddt_share != 1:
+            raise ValueError("a text model samples through its captions (no --ddt-share)")
+        embeddings, mask = generator.captions
+        rows = labels.long().cpu()
+        velocity_fn = CaptionVelocity(
+            generator.model,
+            embeddings[rows].to(device).float(),
+            None if mask is None else mask[rows].to(device),
+        )
+        labels, null_label = velocity_fn.rows, velocity_fn.null_label
+    elif generator.text_conditioned:
+        raise ValueError(
+            "this is a text model: give it captions to sample (repa sample --prompts FILE.txt or "
+            "--captions-from SHARDS; in code Generator.with_captions)"
+        )
     velocity_fn = velocity_fn or ddt_sharing_velocity(generator, settings, device) or generator.model.velocity
     with torch.autocast(
         device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
@@ -182,7 +206,7 @@ def generate_batch(
             cfg_scale=settings.cfg_scale,
             guidance_low=settings.guidance_low,
             guidance_high=settings.guidance_high,
-            null_label=generator.model.null_label,
+            null_label=null_label,
             path=generator.path_type,
             cfg_channels=cfg_channels,
             time_shift=settings.time_shift,
@@ -362,6 +386,11 @@ def generate_images(
 # ---- chunks on disk ------------------------------------------------------------------------------
 
 
+def prompts_path_for(output: str | os.PathLike) -> Path:
+    """Where a text model's sample set lists each image's caption: OUTPUT.npz -> OUTPUT.prompts.txt."""
+    return Path(output).with_suffix(".prompts.txt")
+
+
 def parts_dir_for(output: str | os.PathLike) -> Path:
     return Path(f"{output}.parts")
 
@@ -519,6 +548,9 @@ def sample_to_npz(
         "chunk_size": chunk_size,
         "image_size": generator.resolution,
     }
+    if generator.caption_texts is not None:  # a text model: which captions (a changed list resamples)
+        digest = hashlib.sha256("\n".join(generator.caption_texts).encode()).hexdigest()
+        record["captions"] = {"count": len(generator.caption_texts), "sha256": digest}
     record_path = Path(f"{output}.json")
     if output.is_file():
         if record_path.is_file() and json.loads(record_path.read_text()).get("sampling") == record:
@@ -558,6 +590,10 @@ def sample_to_npz(
         merge_chunks(parts_dir, output, num_samples, chunk_size)
         summary = {"sampling": record, "seconds": elapsed, "images_made_by_rank0": made, "world_size": world}
         _write_json_atomic(record_path, summary)
+        if generator.caption_texts is not None:  # image i's caption on line i, beside the .npz
+            rows = class_labels(num_samples, generator.num_classes, seed, labels)
+            texts = [" ".join(generator.caption_texts[row].split()) for row in rows]
+            write_bytes_atomic(prompts_path_for(output), ("\n".join(texts) + "\n").encode())
         if grid is not None:
             from repa.utils.images import save_image_grid
 

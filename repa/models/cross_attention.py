@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-NULL_CONTEXT_MODES = ("learned", "fixed")
+NULL_CONTEXT_MODES = ("learned", "fixed", "empty")
 
 
 @dataclass
@@ -53,10 +53,32 @@ class ContextEmbedder(nn.Module):
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden_size, hidden_size)
         null = torch.randn(context_length, context_dim) / context_dim**0.5  # PixArt's initialisation
+        self.null_mode = null_context
         if null_context == "learned":
             self.null_context = nn.Parameter(null)
-        else:  # PixArt: a buffer, saved with the weights, never optimised
+        elif null_context == "fixed":  # PixArt: a buffer, saved with the weights, never optimised
             self.register_buffer("null_context", null)
+        else:  # "empty" (REPA's): the text encoder's embedding of the empty caption and its mask,
+            # set from the shards' null_text.npy by set_null_context; saved with the weights, so a
+            # checkpoint samples without the shards
+            self.register_buffer("null_context", torch.zeros(context_length, context_dim))
+            self.register_buffer("null_context_mask", torch.ones(context_length, dtype=torch.bool))
+
+    @torch.no_grad()
+    def set_null_context(self, embeddings: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """null_context="empty": the empty caption's embeddings (L, context_dim) and mask (L,)."""
+        if self.null_mode != "empty":
+            raise ValueError(f"this model's null context is {self.null_mode!r}, not set from data")
+        embeddings = torch.as_tensor(embeddings)
+        if tuple(embeddings.shape) != tuple(self.null_context.shape):
+            raise ValueError(
+                f"the null caption must be {tuple(self.null_context.shape)} (context_length, context_dim), "
+                f"got {tuple(embeddings.shape)}"
+            )
+        self.null_context.copy_(embeddings.float())
+        self.null_context_mask.copy_(
+            torch.ones(len(embeddings), dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
+        )
 
     def forward(
         self,
@@ -90,7 +112,11 @@ class ContextEmbedder(nn.Module):
             drop = drop.to(device=context.device, dtype=torch.bool)
             null = self.null_context[:length].to(context.dtype).expand(batch, length, -1)
             context = torch.where(drop[:, None, None], null, context)
-            if mask is not None:
+            if self.null_mode == "empty":  # the empty caption's own mask (its padding is not attended)
+                null_mask = self.null_context_mask[:length].to(context.device)
+                mask = torch.ones_like(drop[:, None].expand(batch, length)) if mask is None else mask
+                mask = torch.where(drop[:, None], null_mask[None], mask)
+            elif mask is not None:
                 mask = mask | drop[:, None]  # every row of the null context is attended
         return Context(self.fc2(self.act(self.fc1(context))), mask)  # tokens (B, L, D)
 

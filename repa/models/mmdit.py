@@ -31,6 +31,7 @@ Time convention: REPA's, t=0 data, t=1 noise, the raw t in [0, 1] (as the SiT).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -405,3 +406,32 @@ def create_mmdit(name: str = "MMDiT-24", **overrides) -> MMDiT:
             f"unknown MMDiT option(s) {sorted(unknown)}; valid: {sorted(MMDiTConfig.__dataclass_fields__)}"
         )
     return MMDiT(mmdit_config(**{**MMDIT_MODELS[name], **overrides}))
+
+
+def mmdit_config_for(name: str, **overrides) -> MMDiTConfig:
+    """A registered MMDiT's config from the build path's keyword overrides (SiTConfig fields, as
+    repa.config's model_overrides gives them): MMDiT fields are taken, the label dropout becomes
+    the caption dropout, and a SiT option the MMDiT lacks is refused unless it has the SiT's
+    default (so a plain `repa train --model MMDiT-24` works and `--tread-ratio 0.5` fails).
+    Without context_dim (a config checked before its shards are read) REPA's 768 stands."""
+    from repa.models.sit import SiTConfig
+
+    if name not in MMDIT_MODELS:
+        raise ValueError(f"unknown MMDiT {name!r}; choose one of: {', '.join(MMDIT_MODELS)}")
+    sit_defaults = {f.name: f.default for f in dataclasses.fields(SiTConfig)}
+    own = set(MMDiTConfig.__dataclass_fields__)
+    values: dict = {}
+    for key, value in overrides.items():
+        if key == "class_dropout_prob":
+            values["caption_dropout_prob"] = value
+        elif key == "num_classes":
+            continue  # text only: no labels (the build path refuses shards without cached text)
+        elif key in own:
+            values[key] = value
+        elif key not in sit_defaults:
+            raise ValueError(f"unknown model option {key!r} for {name}")
+        elif value != sit_defaults[key] and value is not None:
+            raise ValueError(
+                f"{name} has no option {key}={value!r} (a SiT option): leave --{key.replace('_', '-')} unset"
+            )
+    return mmdit_config(**{**MMDIT_MODELS[name], **values})

@@ -410,6 +410,13 @@ class SiT(nn.Module):
         """The label index of the unconditional (null) class."""
         return self.config.num_classes
 
+    def set_null_context(self, embeddings: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """null_context="empty" (REPA's): the text encoder's embedding of the empty caption
+        (L, context_dim) and its mask (L,), the shards' null_text.npy; kept in the state dict."""
+        if not self.config.context_dim:
+            raise ValueError("this model has no cross-attention (context_dim=0): it takes no null caption")
+        self.context_embedder.set_null_context(embeddings, mask)
+
     def initialize_weights(self) -> None:
         """DiT's initialisation: xavier linears, zero adaLN outputs and final layer (adaLN-Zero).
 

@@ -583,9 +583,14 @@ def write_preview(model, tokenizer, config: ExperimentConfig, run_dir: Path, ste
     from repa.utils.images import save_image_grid
 
     generator = Generator(model, tokenizer, config.data.resolution, config.transport.path_type)
+    labels = "balanced"
+    if generator.text_conditioned:  # a text model draws the first 16 captions of its shards
+        from repa.eval.captions import captions_from_shards
+
+        generator, labels = generator.with_captions(*captions_from_shards(config.data.data, 16)), "ordered"
     settings = _sampler_for(config, config.run.sample_steps, config.run.sample_cfg_scale)
     model.eval()
-    batches = generate_images(generator, 16, settings, seed=config.run.seed, labels="balanced", device=device)
+    batches = generate_images(generator, 16, settings, seed=config.run.seed, labels=labels, device=device)
     path = run_dir / "samples" / f"step-{step:08d}.png"
     save_image_grid(torch.cat(list(batches)), path)
     return path

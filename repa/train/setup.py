@@ -37,6 +37,7 @@ def build_parts(
         stats=config.tokenizer.tokenizer_stats,
     )
     latent_size = tokenizer.latent_size(resolution)
+    text_shape = read_shard_manifest(config).get("text_shape")  # (L, D) of cached captions, or None
     encoders = []
     if config.encoder.enabled and with_encoders:
         encoders = create_encoders(
@@ -49,11 +50,18 @@ def build_parts(
         input_size=latent_size,
         in_channels=tokenizer.latent_channels,
         projector_dims=[encoder.dim for encoder in encoders] if encoders else encoder_widths(config),
+        text_shape=text_shape,
     )
     model_config_overrides.update(model_options or {})
     from repa.models import config_for
 
     model_config = config_for(config.model.name, **model_config_overrides)
+    if getattr(model_config, "context_dim", 0) and not text_shape:
+        raise ValueError(
+            f"{config.model.name} with --context-dim {model_config.context_dim} conditions on cached caption "
+            f"embeddings, but the shards in {config.data.data} hold none: build them with `repa data build "
+            "... --captions FILE --cache-text ENCODER`"
+        )
     for encoder in encoders:
         if encoder.num_tokens(resolution) != model_config.num_tokens and not config.model.align_resample:
             raise ValueError(
@@ -64,6 +72,11 @@ def build_parts(
                 "--align-resample to interpolate the encoder's tokens"
             )
     model = create_model(config.model.name, **model_config_overrides)
+    if model_config_overrides.get("null_context") == "empty":
+        from repa.data.shards import read_null_text
+
+        # REPA's null caption: the text encoder's embedding of "" (built with the shards)
+        model.set_null_context(*(torch.tensor(array) for array in read_null_text(config.data.data)))
     tokenizer.to(device).freeze()
     for encoder in encoders:
         encoder.to(device)

@@ -91,6 +91,7 @@ class DenoisingMethod(TrainingMethod):
         objective: ObjectiveOptions | None = None,  # docs/objectives.md; None: all off
         align_depth: int = 8,
         start_step: int = 0,
+        text_conditioned: bool = False,
     ):
         self.tokenizer = tokenizer
         self.encoders = list(encoders)
@@ -104,6 +105,9 @@ class DenoisingMethod(TrainingMethod):
         self.objective = objective if objective is not None else ObjectiveOptions()
         self.align_depth = align_depth
         self.step = start_step  # steps finished (HASTE's --align-until-step counts them)
+        # a text model (cross-attention, MMDiT): the step reads each sample's cached caption
+        # embedding and mask (the "text" field) and passes them as context, no labels
+        self.text_conditioned = text_conditioned
         self.taps: BlockTaps | None = None  # hooks on the blocks whose outputs a term reads
         self.conv_projectors: nn.ModuleList | None = None  # iREPA, one per encoder
         self.heads_group: ParamGroup | None = None
@@ -147,6 +151,7 @@ class DenoisingMethod(TrainingMethod):
             objective=config.objective,
             align_depth=config.model.align_depth,
             start_step=context.start_step,
+            text_conditioned=bool(getattr(context.model.config, "context_dim", 0)),
             **extra,
         )._with_objectives(context)
 
@@ -234,6 +239,8 @@ class DenoisingMethod(TrainingMethod):
             fields.add("features")
         if "latents" not in fields or (self.encoders and "features" not in fields):
             fields.add("images")
+        if self.text_conditioned:
+            fields.add("text")
         return frozenset(fields)
 
     @torch.no_grad()
@@ -270,7 +277,14 @@ class DenoisingMethod(TrainingMethod):
             latents = self.tokenizer.normalize(self.tokenizer.sample(moments, noise=eps)).float()
             # HASTE: no encoder forward once alignment has ended
             target_tokens = self.target_tokens(batch, images, device) if self.aligning() else []
-        yield self.model_loss(model, latents, labels, target_tokens, noise)
+        if self.text_conditioned:  # the caption conditions the model; labels are not used
+            condition = {
+                "context": batch.text.to(device, non_blocking=True).float(),  # (B, L, D)
+                "context_mask": batch.text_mask.to(device, non_blocking=True),  # (B, L)
+            }
+            yield self.model_loss(model, latents, None, target_tokens, noise, condition=condition)
+        else:
+            yield self.model_loss(model, latents, labels, target_tokens, noise)
         terms, self._head_terms = self._head_terms, []
         if terms:  # the heads' gradient: their terms again, on the detached hidden states
             yield GroupLoss(self.heads_group.name, sum(term() for term in terms))
@@ -282,10 +296,12 @@ class DenoisingMethod(TrainingMethod):
         labels: torch.Tensor,  # (B,)
         target_tokens: list[torch.Tensor],
         noise: StepNoise,
+        condition: dict[str, torch.Tensor] | None = None,
     ) -> GroupLoss:
         """The diffusion model's loss: denoising + proj_coeff * alignment, on times, noise,
         label dropout and TREAD's token permutations drawn from `noise` (names "t", "noise",
-        "label_drop", "route")."""
+        "label_drop", "route"). `condition`: a text model's context and context_mask (labels
+        None); the label dropout drops the caption to the null caption instead."""
         t = noise.draw("t", lambda n, g: self.time_sampler(n, self.path, generator=g, device=noise.device))
         eps = noise.normal("noise", tuple(latents.shape[1:]), dtype=latents.dtype)
         x_t, target_velocity = interpolate(self.path, latents, eps, t)
@@ -300,7 +316,9 @@ class DenoisingMethod(TrainingMethod):
             self.taps.capturing() if self.taps is not None else contextlib.nullcontext({}) as hidden,
             self.student_attention.capturing() if distilling else contextlib.nullcontext({}) as attention,
         ):
-            pred_velocity, projections = model(x_t, t, labels, force_drop_ids=drop, **route)
+            pred_velocity, projections = model(
+                x_t, t, labels, force_drop_ids=drop, **(condition or {}), **route
+            )
         unused_projections = projections if not aligning else []
         if aligning and self.objective.align_target == "shuffled":
             # control arm: every sample aligns to another sample's tokens (a seeded random cycle)

@@ -1,0 +1,233 @@
+"""Text-to-image through the ordinary paths: a cross-attention SiT trained by `repa train` on
+captioned shards (cached text of a tiny random-weight BERT through the real transformers path),
+resumed bitwise, sampled by `repa sample --prompts`; caption dropout; the presets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from repa.cli import main
+from repa.config import ExperimentConfig
+from repa.train.logging import read_metrics
+from repa.train.loop import train
+from tests.test_train import assert_states_equal, final_state
+
+transformers = pytest.importorskip("transformers")
+
+RESOLUTION = 16
+MAX_LENGTH = 12
+WORDS = (
+    "a an the at in with of no picture pattern corner top bottom left right disk square triangle cross "
+    "red green blue yellow plain striped stripes checkered"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A transformers folder (config, tokenizer, random weights) with the synthetic captions' words."""
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS.split()]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    transformers.BertTokenizerFast(str(folder / "vocab.txt")).save_pretrained(folder)
+    config = transformers.BertConfig(
+        vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text_shards(tiny_bert, tmp_path_factory):
+    from repa.data.build import build_shards
+    from repa.text import create_text_encoder
+    from repa.text.synthetic import write_captioned_dataset
+
+    root = tmp_path_factory.mktemp("t2i")
+    write_captioned_dataset(root / "set", num_images=32, resolution=RESOLUTION, seed=0)
+    encoder = create_text_encoder("minilm", weights=str(tiny_bert), max_length=MAX_LENGTH)
+    build_shards(
+        str(root / "set" / "images"), root / "shards", resolution=RESOLUTION, shard_size=8, workers=0,
+        captions_file=str(root / "set" / "captions.json"), text_encoder=encoder,
+    )  # fmt: skip
+    return str(root / "shards")
+
+
+def text_config(shards, output_dir, **run) -> ExperimentConfig:
+    values = {
+        "model": {"name": "SiT-S/4", "hidden_size": 32, "depth": 2, "num_heads": 2, "align_depth": 1,
+                  "projector_dim": 32},
+        "data": {"data": shards, "resolution": RESOLUTION, "batch_size": 8, "num_workers": 0,
+                 "shuffle_buffer": 8},
+        "tokenizer": {"tokenizer": "pixels"},
+        "encoder": {"encoder": "none"},
+        "optim": {"learning_rate": 2e-3, "ema_decay": 0.9},
+        "run": {"output_dir": str(output_dir), "exp_name": "run", "max_train_steps": 12,
+                "checkpointing_steps": 4, "mixed_precision": "no", "log_every": 1, "sample_every": 0, **run},
+    }  # fmt: skip
+    return ExperimentConfig.from_dict(values)
+
+
+@pytest.fixture(scope="module")
+def trained(text_shards, tmp_path_factory):
+    """A tiny text SiT trained 40 steps (its width read from the shards), and its run dir."""
+    root = tmp_path_factory.mktemp("runs")  # (the preview grid samples the shards' first captions)
+    config = text_config(text_shards, root, max_train_steps=40, checkpointing_steps=40, sample_every=40)
+    config.run.sample_steps = 2
+    return train(config)
+
+
+def test_tiny_text_model_trains_with_the_cached_captions(trained, text_shards):
+    from repa.data.shards import read_null_text
+    from repa.eval.checkpoints import load_generator
+
+    losses = [record["loss"] for record in read_metrics(trained.run_dir)]
+    assert sum(losses[-8:]) / 8 < 0.8 * sum(losses[:4]) / 4
+    assert (trained.run_dir / "samples" / "step-00000040.png").is_file()
+    generator = load_generator(trained.run_dir)  # the checkpoint rebuilds: width and null caption
+    config = generator.model.config
+    assert (config.context_dim, config.context_length, config.num_classes) == (16, MAX_LENGTH, 0)
+    assert config.null_context == "empty" and generator.model.y_embedder is None
+    # REPA's null caption: the text encoder's embedding of "" from the shards, kept in the weights
+    null, mask = read_null_text(text_shards)
+    embedder = generator.model.context_embedder
+    assert torch.equal(embedder.null_context, torch.from_numpy(null).float())
+    assert torch.equal(embedder.null_context_mask, torch.from_numpy(mask))
+
+
+def test_text_model_resumes_bitwise(text_shards, tmp_path):
+    straight = train(text_config(text_shards, tmp_path / "straight"))
+    train(text_config(text_shards, tmp_path / "resumed", max_train_steps=8))
+    resumed = train(text_config(text_shards, tmp_path / "resumed"))
+    assert resumed.step == 12
+    assert_states_equal(final_state(straight.run_dir), final_state(resumed.run_dir))
+
+
+def test_sample_prompts_gives_one_image_per_prompt_whatever_the_batch(trained, tiny_bert, tmp_path):
+    prompts = ["a red disk at the top left", "a blue cross with stripes", "bottom right: a green square"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n\n")
+    outputs = []
+    for batch in (1, 2):
+        out = tmp_path / f"b{batch}.npz"
+        main([
+            "sample", str(trained.run_dir), "--prompts", str(tmp_path / "prompts.txt"), "--output", str(out),
+            "--text-encoder-weights", str(tiny_bert), "--batch-size", str(batch), "--num-steps", "3",
+            "--mode", "ode", "--cfg-scale", "2.0", "--chunk-size", "2",
+        ])  # fmt: skip
+        outputs.append(np.load(out)["arr_0"])
+        assert out.with_suffix(".prompts.txt").read_text().splitlines() == prompts
+    assert outputs[0].shape == (3, RESOLUTION, RESOLUTION, 3)
+    assert np.array_equal(outputs[0], outputs[1])
+    assert not np.array_equal(outputs[0][0], outputs[0][1])
+
+
+def test_sample_captions_from_shards(trained, text_shards, tmp_path):
+    out = tmp_path / "captions.npz"
+    main([
+        "sample", str(trained.run_dir), "--captions-from", text_shards, "--output", str(out),
+        "--num-steps", "2", "--mode", "ode", "--num-samples", "5",
+    ])  # fmt: skip
+    assert np.load(out)["arr_0"].shape[0] == 5
+    assert len(out.with_suffix(".prompts.txt").read_text().splitlines()) == 5
+
+
+def test_a_text_model_without_captions_is_refused(trained, tmp_path, capsys):
+    assert main(["sample", str(trained.run_dir), "--output", str(tmp_path / "x.npz"), "--num-samples", "2"])
+    assert "--prompts FILE.txt" in capsys.readouterr().err
+
+
+def test_caption_dropout_one_makes_the_model_ignore_the_text():
+    """With every caption dropped (probability 1) the step sees only the null caption: two
+    different captions give the same prediction, and the loss is that of the null caption."""
+    from repa.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(
+        "SiT-S/4", input_size=16, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=0,
+        context_dim=8, context_length=6, null_context="empty", class_dropout_prob=1.0,
+    ).train()  # fmt: skip
+    model.set_null_context(torch.randn(6, 8), torch.tensor([True, True, False, False, False, False]))
+    with torch.no_grad():  # a model that reads its text (adaLN-Zero and the cross-attention start at 0)
+        for parameter in model.parameters():
+            parameter.normal_(std=0.2)
+    x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
+    first, second = torch.randn(2, 6, 8), torch.randn(2, 6, 8)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    torch.manual_seed(1)
+    out_first, _ = model(x, t, None, context=first, context_mask=mask)
+    torch.manual_seed(1)
+    out_second, _ = model(x, t, None, context=second, context_mask=mask)
+    assert torch.equal(out_first, out_second)
+    model.eval()  # no dropout in eval: the captions matter
+    kept_first, _ = model(x, t, None, context=first, context_mask=mask)
+    kept_second, _ = model(x, t, None, context=second, context_mask=mask)
+    assert not torch.allclose(kept_first, kept_second)
+    dropped, _ = model(
+        x, t, None, context=first, context_mask=mask, force_drop_ids=torch.ones(2, dtype=torch.bool)
+    )
+    assert torch.allclose(dropped, out_first)
+
+
+@pytest.mark.parametrize(
+    "preset, text_shape, expected",
+    [
+        ("coco_mmdit_repa.yaml", (77, 768), {"depth": 24, "hidden_size": 768, "num_heads": 24,
+                                             "caption_dropout_prob": 0.1, "null_context": "empty"}),
+        ("pixart_sit_repa.yaml", (120, 4096), {"depth": 28, "adaln": "single", "num_classes": 0,
+                                               "class_dropout_prob": 0.1, "null_context": "fixed"}),
+    ],
+)  # fmt: skip
+def test_text_presets_validate(preset, text_shape, expected):
+    from repa.config import load_preset
+    from repa.models import config_for
+
+    root = Path(__file__).resolve().parent.parent
+    config = ExperimentConfig.from_dict(load_preset(root / "configs" / preset)).validate()
+    assert config.encoder.encoder == "dinov2-b" and config.data.batch_size == 256
+    overrides = config.model_overrides(input_size=32, projector_dims=[768], text_shape=text_shape)
+    model_config = config_for(config.model.name, **overrides)
+    assert model_config.align_depth == 8 and model_config.context_dim == text_shape[1]
+    assert model_config.context_length == text_shape[0]
+    assert {key: getattr(model_config, key) for key in expected} == expected
+    if preset.startswith("coco"):  # REPA's COCO recipe
+        assert (config.optim.learning_rate, config.run.max_train_steps) == (1e-4, 400_000)
+
+
+def test_mmdit_trains_with_repa_and_samples_prompts(text_shards, tiny_bert, tmp_path):
+    """`--model MMDiT-N` through the same loop: REPA's tap on the image tokens (a tiny random
+    teacher, tokens resampled to the MMDiT's grid), the empty caption from the shards; the
+    checkpoint rebuilds in eval and samples prompts."""
+    from repa.encoders.local import build_local_vit, save_local_encoder
+
+    arch = {
+        "img_size": RESOLUTION,
+        "patch_size": 4,
+        "embed_dim": 24,
+        "depth": 1,
+        "num_heads": 2,
+        "num_classes": 0,
+    }
+    torch.manual_seed(0)
+    encoder_path = tmp_path / "teacher.safetensors"
+    save_local_encoder(
+        str(encoder_path), build_local_vit("vit_tiny_patch16_224", arch), arch="vit_tiny_patch16_224",
+        arch_kwargs=arch, mean=(0.5,) * 3, std=(0.5,) * 3, input_size=RESOLUTION, patch_size=4,
+    )  # fmt: skip
+    config = text_config(text_shards, tmp_path, max_train_steps=4, checkpointing_steps=4)
+    config.model.name, config.model.align_resample = "MMDiT-8", True
+    config.model.depth, config.model.hidden_size, config.model.num_heads = 2, 32, 2
+    config.encoder.encoder = str(encoder_path)
+    result = train(config.validate())
+    assert "loss_align" in read_metrics(result.run_dir)[-1]
+    (tmp_path / "p.txt").write_text("a red disk at the top left\n")
+    out = tmp_path / "m.npz"
+    main([
+        "sample", str(result.run_dir), "--prompts", str(tmp_path / "p.txt"), "--output", str(out),
+        "--text-encoder-weights", str(tiny_bert), "--num-steps", "2", "--mode", "ode",
+    ])  # fmt: skip
+    assert np.load(out)["arr_0"].shape == (1, RESOLUTION, RESOLUTION, 3)
