@@ -108,6 +108,7 @@ def test_bad_preset_keys_and_sections(tmp_path):
 # Every field with a fixed set of values: flag, section, key, a bad value, the bad item, the valid values.
 FIXED_SETS = [
     ("--adaln", "model", "adaln", "shared", "shared", "block, single"),
+    ("--null-context", "model", "null_context", "zeros", "zeros", "empty, learned, fixed"),
     ("--path-type", "transport", "path_type", "cosin", "cosin", "linear, cosine"),
     (
         "--time-sampler",
