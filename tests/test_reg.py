@@ -107,6 +107,19 @@ def test_reg_gradient_reaches_the_class_token_projector_norm_and_head(shards, en
     assert model.final_layer.linear_cls.bias.grad.abs().sum() == 0
 
 
+def test_reg_resamples_only_the_patch_targets(shards, encoder_file, tmp_path):  # noqa: F811
+    from repa.align import resample_tokens
+
+    method, model, encoder = _method(shards, encoder_file, tmp_path)
+    method.resample_targets = True  # --align-resample
+    latents, labels = torch.randn(2, 3, RESOLUTION, RESOLUTION), torch.tensor([0, 1])
+    coarse = torch.randn(2, 1 + 4, encoder.dim)  # a 2x2 encoder grid for the model's 4x4
+    resampled = torch.cat([coarse[:, :1], resample_tokens(coarse[:, 1:], 16)], dim=1)
+    got = method.model_loss(model, latents, labels, [coarse], StepNoise(3, 2, "cpu"))
+    expected = method.model_loss(model, latents, labels, [resampled], StepNoise(3, 2, "cpu"))
+    assert torch.equal(got.loss, expected.loss)
+
+
 class _GaussianReg(torch.nn.Module):
     """The exact velocity of independent Gaussian data on the linear path, for a latent
     x ~ N(mu, s^2) and a class token c ~ N(m, r^2) (per element): v = E[e - x | x_t]."""
@@ -200,6 +213,8 @@ def test_tread_keeps_the_class_token_and_rope_leaves_it_unrotated():
     assert torch.allclose(seen["input"][:, 1:], gather_tokens(embedded, kept))
     assert velocity.shape == (2, 4, 8, 8) and class_velocity.shape == (2, 6)
     assert torch.count_nonzero(model.pos_embed[0, 0]) == 0
+    fresh = create_model("SiT-S/2", **TINY, class_token_dim=6)  # REG's head starts at zero
+    assert torch.count_nonzero(fresh.final_layer.linear_cls.weight) == 0
     # RoPE skips the class token and rotates the patches as without it
     rope = PrefixSkippingRope.wrap(model.feat_rope, 1)
     q = torch.randn(2, 2, 17, 16)
@@ -330,3 +345,11 @@ def test_reg_trains_resumes_bitwise_after_sigkill_and_samples(shards, encoder_fi
         assert data["arr_0"].std() > 0
     record = json.loads(Path(f"{output}.json").read_text())["sampling"]["settings"]
     assert record["cls_cfg_scale"] == 1.5
+
+
+def test_the_probe_reads_a_reg_model_without_a_class_token():
+    from repa.eval.probe import block_outputs
+
+    model = create_model("SiT-S/2", **TINY, class_token_dim=6).eval()
+    pooled = block_outputs(model, torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 1]))
+    assert len(pooled) == 3 and pooled[0].shape == (2, 32)

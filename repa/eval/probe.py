@@ -122,14 +122,18 @@ def block_outputs(
     model: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor
 ) -> list[torch.Tensor]:
     """Mean-pooled hidden tokens after every block: a list of depth tensors (B, D). Read with
-    forward hooks on `model.blocks`, so any SiT variant that keeps its blocks there works."""
+    forward hooks on `model.blocks`, so any SiT variant that keeps its blocks there works.
+    A REG model (class_token_dim > 0) gets a zero class token, pooled with the patches: the probe
+    measures what the model makes of the image, with no encoder's class token to lean on."""
     pooled: list[torch.Tensor] = []
     hooks = [
         block.register_forward_hook(lambda _m, _i, out: pooled.append(out.float().mean(dim=1)))
         for block in model.blocks
     ]
     try:
-        model.velocity(x_t, t, y)
+        width = getattr(getattr(model, "config", None), "class_token_dim", 0)
+        extra = {"class_token": x_t.new_zeros(x_t.shape[0], width)} if width else {}
+        model.velocity(x_t, t, y, **extra)
     finally:
         for hook in hooks:
             hook.remove()

@@ -11,7 +11,8 @@ each L_v a per-sample mean of squared errors averaged over the batch (REG: 0.5 a
 
 Composes with the objective options that act on the latent velocity or the alignment targets
 (--cos-loss-weight, --dispersive-weight, --target-norm zscore on the patch tokens, --align-target
-shuffled) and with TREAD (the class token is always kept). Not with iREPA's conv projector (the
+shuffled), with --align-resample (patch tokens only) and with TREAD (the class token is always
+kept). Not with iREPA's conv projector (the
 class token has no grid position) or HASTE's --align-until-step (the class token is the model's
 input at every step, so the encoder never stops).
 """
@@ -23,7 +24,14 @@ import contextlib
 import torch
 from torch import nn
 
-from repa.align import alignment_loss, derangement, dispersive_loss, spatial_zscore, token_cosine
+from repa.align import (
+    alignment_loss,
+    derangement,
+    dispersive_loss,
+    resample_tokens,
+    spatial_zscore,
+    token_cosine,
+)
 from repa.config import ExperimentConfig
 from repa.train.methods.base import GroupLoss
 from repa.train.methods.denoising import DenoisingMethod, routed_targets
@@ -49,11 +57,6 @@ class REGMethod(DenoisingMethod):
             raise ValueError(
                 "--method reg aligns [class token; patches], and the class token has no grid position for "
                 "--projector conv: use --projector mlp"
-            )
-        if config.model.align_resample:
-            raise ValueError(
-                "--method reg aligns [class token; patches] token by token: the encoder's grid must match "
-                "the model's (leave --align-resample off)"
             )
         if objective.align_until_step:
             raise ValueError(
@@ -123,6 +126,9 @@ class REGMethod(DenoisingMethod):
             (pred_velocity, pred_class_velocity), projections = model(
                 x_t, t, labels, force_drop_ids=drop, class_token=class_t, **route
             )
+        if self.resample_targets:  # --align-resample: the patch tokens to the model's grid
+            num_patches = route["route_ids"].shape[1] if route else projections[0].shape[1] - 1
+            target_tokens = [self._resampled(z, num_patches) for z in target_tokens]
         if self.objective.align_target == "shuffled":  # control arm: another sample's tokens
             source = derangement(noise.uniform("align_shuffle"))
             target_tokens = [z[source] for z in target_tokens]
@@ -153,6 +159,14 @@ class REGMethod(DenoisingMethod):
             metrics[f"cos_sim_{k}"] = token_cosine(h.detach(), z).mean()  # over [CLS; patches]
         metrics["loss"] = loss.detach()
         return GroupLoss(self.model_group.name, loss, metrics)
+
+    @staticmethod
+    def _resampled(targets: torch.Tensor, num_patches: int) -> torch.Tensor:
+        """(B, 1 + T_enc, D) -> (B, 1 + num_patches, D): the patches interpolated on their grid,
+        the class token as it is."""
+        if targets.shape[1] - 1 == num_patches:
+            return targets
+        return torch.cat([targets[:, :1], resample_tokens(targets[:, 1:], num_patches)], dim=1)
 
     def _routed(
         self, targets: torch.Tensor, projected: torch.Tensor, route_ids: torch.Tensor
