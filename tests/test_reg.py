@@ -301,6 +301,7 @@ def test_reg_trains_resumes_bitwise_after_sigkill_and_samples(shards, encoder_fi
         values = _reg_config(shards, tmp_path / name, encoder_file, max_train_steps=steps).to_dict()
         # a visible fall of the class token's loss within 16 steps: a larger step and weight
         values["optim"]["learning_rate"], values["objective"]["cls_loss_weight"] = 3e-3, 1.0
+        values["run"].update(sample_every=steps, sample_steps=3)  # the loop's preview samples REG too
         (tmp_path / f"{name}.yaml").write_text(json.dumps(values))
         return [sys.executable, "-m", "repa", "train", "--config", str(tmp_path / f"{name}.yaml")]
 
@@ -320,6 +321,7 @@ def test_reg_trains_resumes_bitwise_after_sigkill_and_samples(shards, encoder_fi
     reference = tmp_path / "reference" / "run"
     assert_states_equal(final_state(reference), final_state(tmp_path / "killed" / "run"))
 
+    assert (reference / "samples" / f"step-{steps:08d}.png").is_file()
     records = read_metrics(reference)
     for term in ("loss", "loss_denoise", "loss_cls"):
         first = sum(r[term] for r in records[:4]) / 4
