@@ -120,6 +120,29 @@ def test_reg_resamples_only_the_patch_targets(shards, encoder_file, tmp_path):  
     assert torch.equal(got.loss, expected.loss)
 
 
+def test_reg_with_tread_aligns_the_class_token_and_the_kept_patches(shards, encoder_file, tmp_path):  # noqa: F811
+    from repa.align import alignment_loss
+
+    values = _reg_config(shards, tmp_path, encoder_file).to_dict()
+    values["model"].update(tread_ratio=0.5, tread_start=0, tread_end=1)  # the tap (block 1) routed
+    config = ExperimentConfig.from_dict(values).validate()
+    tokenizer, encoders, model = build_parts(config, torch.device("cpu"))
+    method = get_method("reg").build(MethodContext(config, tokenizer, encoders, model, torch.device("cpu")))
+    latents, labels = torch.randn(2, 3, RESOLUTION, RESOLUTION), torch.tensor([0, 1])
+    targets = torch.randn(2, 17, encoders[0].dim)
+    noise = StepNoise(4, 2, "cpu")
+    result = method.model_loss(model, latents, labels, [targets], noise)
+    t, eps, class_eps = (noise.draw(name, None) for name in ("t", "noise", "class_token_noise"))
+    route_ids = noise.draw("route", None)
+    class_t = (1 - t[:, None]) * targets[:, 0] + t[:, None] * class_eps
+    x_t = (1 - t.view(-1, 1, 1, 1)) * latents + t.view(-1, 1, 1, 1) * eps
+    _, (projected,) = model(x_t, t, labels, class_token=class_t, route_ids=route_ids)
+    assert projected.shape[1] == 1 + 8  # the class token and half of the 16 patches
+    kept = gather_tokens(targets[:, 1:], route_ids[:, :8])
+    expected = alignment_loss([projected], [torch.cat([targets[:, :1], kept], dim=1)])
+    assert result.metrics["loss_align"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 class _GaussianReg(torch.nn.Module):
     """The exact velocity of independent Gaussian data on the linear path, for a latent
     x ~ N(mu, s^2) and a class token c ~ N(m, r^2) (per element): v = E[e - x | x_t]."""
