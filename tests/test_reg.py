@@ -378,3 +378,15 @@ def test_the_probe_reads_a_reg_model_without_a_class_token():
     model = create_model("SiT-S/2", **TINY, class_token_dim=6).eval()
     pooled = block_outputs(model, torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 1]))
     assert len(pooled) == 3 and pooled[0].shape == (2, 32)
+
+
+def test_reg_costs_under_half_a_percent_more_flops_at_xl():
+    """REG's paper: +<0.5% FLOPs (one token); `repa curves`' compute axis counts it."""
+    from repa.analysis.compute import training_cost
+
+    def sit_cost(method):
+        config = ExperimentConfig.from_dict({"run": {"method": method}, "model": {"name": "SiT-XL/2"}})
+        return training_cost(config, latents_cached=True, features_cached=True).parts["sit"]
+
+    reg, repa = sit_cost("reg"), sit_cost("repa")
+    assert 0 < (reg - repa) / repa < 0.005

@@ -126,7 +126,9 @@ def training_cost(
     if isinstance(config, dict):
         config = ExperimentConfig.from_dict(config)
     parts = _build(config)
-    model_forward = count_flops(parts.model, parts.latents, parts.t, parts.labels)
+    width = getattr(parts.model.config, "class_token_dim", 0)  # REG: its noisy class token too
+    extra = {"class_token": torch.zeros(1, width, device=parts.latents.device)} if width else {}
+    model_forward = count_flops(parts.model, parts.latents, parts.t, parts.labels, **extra)
     cost = TrainingCost({"sit": (1 + BACKWARD_FACTOR) * model_forward})
     cost.parts["encoder"] = (
         0 if features_cached else sum(count_flops(encoder, parts.images) for encoder in parts.encoders)
