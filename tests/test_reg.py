@@ -300,6 +300,12 @@ def test_class_token_features_are_cached_for_reg_runs_only(encoder_file, tmp_pat
     repa = tiny_config(str(tmp_path / "shards"), tmp_path, encoder=encoder_file)
     assert cached_fields(reg, manifest, type("Pixels", (), {"name": "pixels"}), [encoder]) == (False, True)
     assert cached_fields(repa, manifest, type("Pixels", (), {"name": "pixels"}), [encoder]) == (False, False)
+    # a REG run trains on them without running the encoder
+    from repa.train.loop import train
+
+    result = train(_reg_config(str(tmp_path / "shards"), tmp_path / "run", encoder_file, max_train_steps=2))
+    assert json.loads((result.run_dir / "targets.json").read_text())["features_cached"] is True
+    assert "loss_cls" in read_metrics(result.run_dir)[-1]
 
 
 def test_reg_flags_name_what_is_wrong(shards, encoder_file, tmp_path):  # noqa: F811
