@@ -315,6 +315,9 @@ def test_reg_flags_name_what_is_wrong(shards, encoder_file, tmp_path):  # noqa: 
     values["objective"]["projector"] = "conv"
     with pytest.raises(ValueError, match="--projector mlp"):
         ExperimentConfig.from_dict(values).validate()
+    values["objective"].update(projector="mlp", attn_distill_weight=0.5)
+    with pytest.raises(ValueError, match="--attn-distill-weight at 0"):
+        ExperimentConfig.from_dict(values).validate()
     assert (
         ExperimentConfig.from_dict({"objective": {"cls_loss_weight": 0.1}}).objective.cls_loss_weight == 0.1
     )

@@ -12,9 +12,9 @@ each L_v a per-sample mean of squared errors averaged over the batch (REG: 0.5 a
 Composes with the objective options that act on the latent velocity or the alignment targets
 (--cos-loss-weight, --dispersive-weight, --target-norm zscore on the patch tokens, --align-target
 shuffled), with --align-resample (patch tokens only) and with TREAD (the class token is always
-kept). Not with iREPA's conv projector (the
-class token has no grid position) or HASTE's --align-until-step (the class token is the model's
-input at every step, so the encoder never stops).
+kept). Not with iREPA's conv projector (the class token has no grid position), HASTE's
+--align-until-step (the class token is the model's input at every step, so the encoder never
+stops) or its attention distillation.
 """
 
 from __future__ import annotations
@@ -57,6 +57,11 @@ class REGMethod(DenoisingMethod):
             raise ValueError(
                 "--method reg aligns [class token; patches], and the class token has no grid position for "
                 "--projector conv: use --projector mlp"
+            )
+        if objective.attn_distill_weight > 0:
+            raise ValueError(
+                "--method reg does not wire HASTE's attention distillation (its SiT attention has the class "
+                "token): leave --attn-distill-weight at 0"
             )
         if objective.align_until_step:
             raise ValueError(
@@ -109,6 +114,7 @@ class REGMethod(DenoisingMethod):
         labels: torch.Tensor,  # (B,)
         target_tokens: list[torch.Tensor],  # [(B, 1 + T, D)]: [class token; patches]
         noise: StepNoise,
+        condition: dict[str, torch.Tensor] | None = None,  # a text model's context and mask
     ) -> GroupLoss:
         """REPA's loss on [CLS; patches] plus the class token's denoising loss; draws "t",
         "noise", "class_token_noise", "label_drop", "route" (TREAD) and "align_shuffle"."""
@@ -124,7 +130,7 @@ class REGMethod(DenoisingMethod):
             route["route_ids"] = noise.permutations("route", self.routed_tokens)  # (B, T) grid tokens
         with self.taps.capturing() if self.taps is not None else contextlib.nullcontext({}) as hidden:
             (pred_velocity, pred_class_velocity), projections = model(
-                x_t, t, labels, force_drop_ids=drop, class_token=class_t, **route
+                x_t, t, labels, force_drop_ids=drop, class_token=class_t, **route, **(condition or {})
             )
         if self.resample_targets:  # --align-resample: the patch tokens to the model's grid
             num_patches = route["route_ids"].shape[1] if route else projections[0].shape[1] - 1
