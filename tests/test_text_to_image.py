@@ -276,3 +276,102 @@ def test_prompt_accuracy_counts_all_four_attributes():
     assert scores == {"shape": 0.5, "colour": 1.0, "texture": 0.5, "position": 0.5, "all": 0.5}
     with pytest.raises(ValueError, match="names no single colour"):
         prompt_targets(["a red and blue disk, plain, at the top left"])
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A transformers CLIPModel folder (BPE tokenizer, image processor, random weights) at 16 px."""
+    import json
+
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    words = ["a", "red", "disk", "blue", "cross"]
+    vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}
+    vocab.update({f"{c}</w>": len(vocab) + i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")})
+    merges = ["#version: 0.2"]
+    for word in words[1:]:  # BPE merges that build each word from its letters
+        parts = [*word[:-1], word[-1] + "</w>"]
+        while len(parts) > 1:
+            merges.append(f"{parts[0]} {parts[1]}")
+            vocab.setdefault(parts[0] + parts[1], len(vocab))
+            parts = [parts[0] + parts[1], *parts[2:]]
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("\n".join(merges) + "\n")
+    tokenizer = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    images = transformers.CLIPImageProcessor(
+        size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
+    )
+    transformers.CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    special = {"bos_token_id": vocab["<|startoftext|>"], "eos_token_id": vocab["<|endoftext|>"],
+               "pad_token_id": vocab["<|endoftext|>"]}  # fmt: skip
+    config = transformers.CLIPConfig(
+        text_config={"vocab_size": len(vocab), "hidden_size": 16, "intermediate_size": 32,
+                     "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 16,
+                     **special},
+        vision_config={"image_size": 16, "patch_size": 8, "hidden_size": 16, "intermediate_size": 32,
+                       "num_hidden_layers": 1, "num_attention_heads": 2},
+        projection_dim=8,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.CLIPModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_clip_score_is_the_mean_clipped_cosine_of_each_pair(tiny_clip, tmp_path):
+    """repa eval --clip-score's value, from the samples and the captions beside them, equals
+    100 x max(cos, 0) of each (image, caption) pair computed alone through transformers, averaged."""
+    import argparse
+
+    from repa.commands.eval import clip_score_of
+    from repa.eval.clip_score import load_clip
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(3, 16, 16, 3), dtype=np.uint8)
+    captions = ["a red disk", "blue cross", "a blue disk"]
+    np.savez(tmp_path / "s.npz", arr_0=images)
+    (tmp_path / "s.prompts.txt").write_text("\n".join(captions) + "\n")
+    args = argparse.Namespace(
+        samples=str(tmp_path / "s.npz"), clip_weights=str(tiny_clip), device="cpu", feature_batch_size=2
+    )
+    score = clip_score_of(args)
+    model = transformers.CLIPModel.from_pretrained(tiny_clip).eval()
+    processor = transformers.CLIPProcessor.from_pretrained(tiny_clip)
+    expected = []
+    with torch.no_grad():
+        for image, caption in zip(images, captions):
+            inputs = processor(text=[caption], images=[image], return_tensors="pt")
+            output = model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"])
+            cos = (output.image_embeds * output.text_embeds).sum()  # both unit vectors
+            expected.append(100 * max(float(cos), 0.0))
+    assert score == pytest.approx(sum(expected) / 3, abs=1e-4)
+    assert 0 < score < 100
+    with pytest.raises(FileNotFoundError, match="--clip-weights"):
+        load_clip(str(tmp_path / "no-clip"))
+
+
+def test_clip_score_clips_negative_cosines_at_zero():
+    """Stand-in embeddings with cosines 1, -1 and 1/sqrt(2): the -1 pair counts as 0."""
+    from repa.eval.clip_score import clip_score
+
+    class Inputs(dict):
+        def to(self, device):
+            return self
+
+    def processor(text, images, **kwargs):  # an image is its embedding; a caption names its own
+        vectors = {"x": [1.0, 0.0], "-x": [-1.0, 0.0], "y": [0.0, 1.0]}
+        return Inputs(
+            pixel_values=torch.tensor(np.stack(images), dtype=torch.float32),
+            input_ids=torch.tensor([vectors[caption] for caption in text]),
+            attention_mask=torch.ones(len(text), 2),
+        )
+
+    class Model:
+        def get_image_features(self, pixel_values):
+            return pixel_values
+
+        def get_text_features(self, input_ids, attention_mask):
+            return input_ids
+
+    images = [np.array([[1.0, 0.0], [1.0, 0.0]]), np.array([[1.0, 1.0]])]  # batches of 2 and 1
+    score = clip_score(images, ["x", "-x", "y"], Model(), processor)
+    assert score == pytest.approx((100 + 0 + 100 / 2**0.5) / 3)

@@ -56,6 +56,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_evaluator_arguments(parser)
     parser.add_argument("--output", default=None, help="also write the results to this JSON file")
+    parser.add_argument(
+        "--clip-score",
+        action="store_true",
+        help="text models: also the CLIP score of each sample and its caption (SAMPLES.prompts.txt, "
+        "written by repa sample --prompts / --captions-from); needs CLIP weights",
+    )
+    parser.add_argument(
+        "--clip-weights",
+        default=None,
+        metavar="DIR",
+        help="--clip-score: a transformers CLIPModel folder (default: openai/clip-vit-large-patch14 from "
+        "the Hugging Face cache)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,9 +76,31 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     results = evaluator_from_args(args).evaluate(args.samples, args.ref)
+    if args.clip_score:
+        results["clip_score"] = clip_score_of(args)
     for name, value in results.items():
         print(f"{name:>12}: {value:.6g}" if isinstance(value, float) else f"{name:>12}: {value}")
     if args.output:
         record = {"samples": args.samples, "ref": args.ref, "metrics": results}
         Path(args.output).write_text(json.dumps(record, indent=1))
     return 0
+
+
+def clip_score_of(args: argparse.Namespace) -> float:
+    """The CLIP score of SAMPLES.npz against the captions beside it (SAMPLES.prompts.txt)."""
+    from repa.eval.clip_score import clip_score, load_clip, read_captions
+    from repa.eval.npz import iter_npz_rows
+    from repa.eval.sample import prompts_path_for
+
+    captions_path = prompts_path_for(args.samples)
+    if not args.samples.endswith(".npz") or not captions_path.is_file():
+        raise ValueError(
+            f"--clip-score needs a text model's samples: a .npz with its captions beside it "
+            f"({captions_path}), as repa sample --prompts / --captions-from writes them"
+        )
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, processor = load_clip(args.clip_weights, device)
+    batches = iter_npz_rows(args.samples, args.feature_batch_size)
+    return clip_score(batches, read_captions(captions_path), model, processor, device)
