@@ -458,3 +458,22 @@ def test_quick_demo_with_seeds_and_arms_reports_bands_and_intervals(tmp_path):
     assert "probe.png" in report and (output / "report" / "probe.png").is_file()
     targets = json.loads((output / "runs" / "repa-random-teacher-seed0" / "targets.json").read_text())
     assert targets == {"latents_cached": False, "features_cached": False}
+
+
+def test_curves_command_says_when_the_speedup_interval_includes_one():
+    from repa.commands.curves import describe_arm_speedup
+
+    entry = {
+        "factor": 1.4,
+        "low": 0.8,
+        "high": 2.1,
+        "includes_one": True,
+        "seeds": (3, 3),
+        "factor_flops": 1.3,
+    }
+    text = describe_arm_speedup(entry)
+    assert "1.40x fewer steps" in text and "[0.80, 2.10]" in text and "includes 1" in text
+    assert "per training FLOP 1.30x" in text
+    assert "includes 1" not in describe_arm_speedup({**entry, "low": 1.1, "includes_one": False})
+    assert "no interval" in describe_arm_speedup({**entry, "low": None, "high": None, "includes_one": None})
+    assert describe_arm_speedup({"factor": None, "status": "not reached"}) == "not reached"
