@@ -375,3 +375,10 @@ def test_clip_score_clips_negative_cosines_at_zero():
     images = [np.array([[1.0, 0.0], [1.0, 0.0]]), np.array([[1.0, 1.0]])]  # batches of 2 and 1
     score = clip_score(images, ["x", "-x", "y"], Model(), processor)
     assert score == pytest.approx((100 + 0 + 100 / 2**0.5) / 3)
+
+
+def test_methods_with_their_own_forward_refuse_text_models(text_shards, tmp_path):
+    with pytest.raises(ValueError, match="--method sra does not train text models"):
+        config = text_config(text_shards, tmp_path, method="sra")
+        config.objective.sra_student_depth, config.objective.sra_teacher_depth = 1, 2
+        train(config)

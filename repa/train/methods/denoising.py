@@ -158,6 +158,17 @@ class DenoisingMethod(TrainingMethod):
     def _with_objectives(self, context: MethodContext) -> DenoisingMethod:
         """The taps and training-only heads the objective options need. Returns self."""
         objective = self.objective
+        cls = type(self)
+        own_step = [
+            name
+            for name in ("losses", "model_loss", "extra_terms")
+            if getattr(cls, name) is not getattr(DenoisingMethod, name)
+        ]
+        if self.text_conditioned and own_step:  # their own forwards pass labels, not the captions
+            raise ValueError(
+                f"--method {context.config.method} does not train text models (its own "
+                f"{', '.join(own_step)}): use sit, repa or dispersive on captioned shards, or --context-dim 0"
+            )
         heads = self.make_heads(context)
         own_losses = type(self).losses is not DenoisingMethod.losses  # e.g. REPA-E's VAE step
         if own_losses and (heads or objective.align_until_step or objective.align_target != "encoder"):
