@@ -144,9 +144,11 @@ def test_each_method_declares_the_fields_its_step_reads():
     from repa.train.methods.denoising import DenoisingMethod
     from repa.train.methods.repae import REPAEMethod
 
-    def method(cls, encoders: int):
+    def method(cls, encoders: int, text: bool = False):
         instance = cls.__new__(cls)  # only what batch_fields looks at
         instance.encoders = [object()] * encoders
+        instance.teacher_attention = None  # HASTE's attention distillation (needs images) is off
+        instance.text_conditioned = text
         return instance
 
     both, latents, features, none = (
@@ -159,6 +161,8 @@ def test_each_method_declares_the_fields_its_step_reads():
     assert repa.batch_fields(none) == {"images"}
     assert sit.batch_fields(both) == latents  # SiT reads no features
     assert sit.batch_fields(none) == {"images"}
+    text_sit = method(DenoisingMethod, 0, text=True)
+    assert text_sit.batch_fields(latents) == {"latents", "text"}  # the cached caption tokens
     repae = method(REPAEMethod, 1)
     assert repae.batch_fields(both) == {"images", "features"}  # trains the VAE on the images
     assert repae.batch_fields(none) == {"images"}
