@@ -137,3 +137,31 @@ def test_evaluate_model_scores_an_in_memory_model_and_restores_its_mode(tmp_path
     )
     assert scores["num_samples"] == 6 and scores["fd"] > 0
     assert model.training  # put back in train mode
+
+
+def test_curves_samples_with_the_runs_time_shift(tmp_path, monkeypatch):
+    """`repa curves` samples as the runs' previews did: with their --time-shift (LightningDiT's
+    preset sets one), unless a flag overrides it; runs trained with different shifts need one."""
+    import repa.commands.eval as eval_command
+    import repa.eval.curves as curves_module
+    from repa.cli import main
+
+    seen = []
+    monkeypatch.setattr(curves_module, "build_curves", lambda *a, **k: seen.append(k["settings"]) or None)
+    monkeypatch.setattr(eval_command, "evaluator_from_args", lambda args: None)
+
+    def run_with_shift(name, shift):
+        run = tmp_path / name
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "config.yaml").write_text(f"transport: {{time_shift: {shift}}}\n")
+        return str(run)
+
+    a, b, c = run_with_shift("a", 3.0), run_with_shift("b", 3.0), run_with_shift("c", 1.0)
+    with pytest.raises(AttributeError):  # the stand-in returns no result; the settings are seen
+        main(["curves", a, b, "--output", str(tmp_path / "out"), "--ref", "ref.npz"])
+    assert seen[-1].time_shift == 3.0
+    with pytest.raises(AttributeError):
+        main(["curves", a, b, "--output", str(tmp_path / "out"), "--ref", "ref.npz", "--time-shift", "2"])
+    assert seen[-1].time_shift == 2.0
+    with pytest.raises(SystemExit, match="different --time-shift"):
+        main(["curves", a, c, "--output", str(tmp_path / "out"), "--ref", "ref.npz"])

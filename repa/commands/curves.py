@@ -8,6 +8,7 @@ comes with a bootstrap interval over seeds (docs/comparisons.md).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,18 +59,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from repa.commands.eval import evaluator_from_args
     from repa.commands.sample import sampler_settings_from_args
-    from repa.eval.curves import Classifier, build_curves, parse_arm_option
+    from repa.eval.curves import Classifier, build_curves, parse_arm_option, read_run_config
 
     arms = parse_arm_option(args.arm)
     if not args.runs and not arms:
         raise SystemExit("repa curves: give run directories, or --arm NAME=RUN,RUN")
+    # Sample as the runs' own previews do: with their --time-shift, unless a flag says otherwise.
+    runs = [*args.runs, *(run for members in arms.values() for run in members)]
+    shifts = {float(read_run_config(Path(run)).get("transport", {}).get("time_shift", 1.0)) for run in runs}
+    if len(shifts) > 1 and args.time_shift is None and args.timestep_shift is None:
+        raise SystemExit(
+            f"repa curves: the runs were trained with different --time-shift values {sorted(shifts)}; "
+            "give --time-shift to sample them all alike"
+        )
     result = build_curves(
         args.runs,
         args.output,
         ref=args.ref,
         evaluator=evaluator_from_args(args),
         num_samples=args.num_samples,
-        settings=sampler_settings_from_args(args),
+        settings=sampler_settings_from_args(args, shifts.pop() if len(shifts) == 1 else 1.0),
         baseline=args.baseline,
         metric=args.plot_metric,
         seed=args.seed,
