@@ -76,6 +76,9 @@ def routed_targets(
 
 
 class DenoisingMethod(TrainingMethod):
+    # a subclass with its own `losses` that yields `heads_loss()` (REPA-E) may have heads
+    own_losses_train_heads: bool = False
+
     def __init__(
         self,
         tokenizer: nn.Module,
@@ -171,11 +174,15 @@ class DenoisingMethod(TrainingMethod):
             )
         heads = self.make_heads(context)
         own_losses = type(self).losses is not DenoisingMethod.losses  # e.g. REPA-E's VAE step
-        if own_losses and (heads or objective.align_until_step or objective.align_target != "encoder"):
+        untrained_heads = heads and not self.own_losses_train_heads
+        if own_losses and (
+            untrained_heads or objective.align_until_step or objective.align_target != "encoder"
+        ):
             raise ValueError(
-                f"--method {context.config.method} yields its own losses, which do not train the method's "
-                "heads (--projector conv), stop aligning (--align-until-step) or shuffle its other "
-                "alignment's targets (--align-target): leave those options off"
+                f"--method {context.config.method} yields its own losses, which do not "
+                + ("train the method's heads (--projector conv), " if untrained_heads else "")
+                + "stop aligning (--align-until-step) or shuffle its other alignment's targets "
+                "(--align-target): leave those options off"
             )
         if heads:
             self.heads = nn.ModuleDict(heads).to(context.device)
@@ -296,9 +303,15 @@ class DenoisingMethod(TrainingMethod):
             yield self.model_loss(model, latents, None, target_tokens, noise, condition=condition)
         else:
             yield self.model_loss(model, latents, labels, target_tokens, noise)
+        heads_loss = self.heads_loss()
+        if heads_loss is not None:
+            yield heads_loss
+
+    def heads_loss(self) -> GroupLoss | None:
+        """The heads' loss of the last `model_loss`: their terms again, on the detached hidden
+        states (None without heads). A subclass with its own `losses` yields it after the model's."""
         terms, self._head_terms = self._head_terms, []
-        if terms:  # the heads' gradient: their terms again, on the detached hidden states
-            yield GroupLoss(self.heads_group.name, sum(term() for term in terms))
+        return GroupLoss(self.heads_group.name, sum(term() for term in terms)) if terms else None
 
     def model_loss(
         self,

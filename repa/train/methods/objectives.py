@@ -117,10 +117,10 @@ class _Reached(Exception):
         self.output = output
 
 
-@torch.no_grad()
-def block_output(model: nn.Module, depth: int, *args, **kwargs) -> torch.Tensor:
+def run_until_block(model: nn.Module, depth: int, *args, **kwargs) -> torch.Tensor:
     """The output of block `depth` (1-based) of model(*args, **kwargs), the blocks after it never
-    run (SRA's teacher needs nothing else). No gradient."""
+    run; with its graph when gradients are enabled (REPA-E's VAE step with iREPA's conv
+    projector aligns through it)."""
 
     def stop(module, inputs, output):
         raise _Reached(output)
@@ -133,6 +133,12 @@ def block_output(model: nn.Module, depth: int, *args, **kwargs) -> torch.Tensor:
     finally:
         handle.remove()
     raise RuntimeError(f"the model's forward never ran block {depth}")
+
+
+@torch.no_grad()
+def block_output(model: nn.Module, depth: int, *args, **kwargs) -> torch.Tensor:
+    """run_until_block without gradient (SRA's teacher needs nothing else)."""
+    return run_until_block(model, depth, *args, **kwargs)
 
 
 def model_depth(config: ExperimentConfig) -> int:

@@ -1,7 +1,7 @@
 """REPA-E: the VAE trained end to end through the alignment loss (docs/conventions.md,
 "REPA-E training").
 
-Three groups, updated in this order from the same micro-batch:
+Three groups (four with iREPA's conv projector), updated in this order from the same micro-batch:
   vae     reconstruction + LPIPS + KL + GAN losses, plus vae_align_coeff x the alignment of the
           SiT (frozen, eval mode, BatchNorm on running statistics) run on the sampled latent:
           the alignment gradient reaches the VAE through the SiT; the diffusion loss never does.
@@ -10,8 +10,12 @@ Three groups, updated in this order from the same micro-batch:
           normalised by the batch's statistics (over all ranks, as the reference's SyncBatchNorm
           in train mode); the SiT's BatchNorm running statistics, the E2E-VAE's latent
           statistics, move once per optimiser step from all of the step's samples.
-Every loss is computed from the weights before the step, so computing all three and then
-stepping the three optimisers gives the reference's sequential updates exactly.
+  heads   with iREPA's --projector conv only: the conv projectors, on the SiT step's alignment
+          (as in the denoising method). The VAE step aligns through them, frozen, as through the
+          SiT and as REPA-E does through the SiT's own MLP projectors: the VAE's alignment
+          gradient reaches the VAE, never the projectors.
+Every loss is computed from the weights before the step, so computing all of them and then
+stepping the optimisers gives the reference's sequential updates exactly.
 
 The SiT's align-only pass stops after block `align_depth` (the reference runs all blocks and
 the final layer there, and runs the first blocks twice per step).
@@ -29,6 +33,7 @@ from repa.align import alignment_loss
 from repa.config import ExperimentConfig
 from repa.train.methods.base import GroupLoss, MethodContext, ParamGroup
 from repa.train.methods.denoising import DenoisingMethod
+from repa.train.methods.objectives import check_objectives, run_until_block
 from repa.train.optim import adamw
 from repa.train.randomness import StepNoise
 from repa.transport import interpolate
@@ -46,6 +51,7 @@ def init_latent_batchnorm(model: nn.Module, tokenizer) -> None:
 
 class REPAEMethod(DenoisingMethod):
     model_options = {"latent_batchnorm": True}
+    own_losses_train_heads = True  # iREPA's conv projectors: `losses` yields `heads_loss()`
 
     def __init__(
         self,
@@ -74,6 +80,7 @@ class REPAEMethod(DenoisingMethod):
             raise ValueError("--method repa-e trains a VAE end to end: choose a VAE tokenizer, not pixels")
         if not 0 < config.vae.bn_momentum <= 1:
             raise ValueError(f"--bn-momentum must be in (0, 1], got {config.vae.bn_momentum}")
+        check_objectives(config, config.method)
 
     @classmethod
     def build(cls, context: MethodContext) -> REPAEMethod:
@@ -121,7 +128,8 @@ class REPAEMethod(DenoisingMethod):
         )
 
     def groups(self) -> list[ParamGroup]:
-        return [self.vae_group, self.critic_group, self.model_group]
+        heads = [self.heads_group] if self.heads_group is not None else []
+        return [self.vae_group, self.critic_group, self.model_group, *heads]
 
     def batch_fields(self, cached: frozenset[str]) -> frozenset[str]:
         """Always the images (the VAE trains on them; cached latents would be stale), and the
@@ -137,11 +145,13 @@ class REPAEMethod(DenoisingMethod):
         discriminator = self.vae_loss.discriminator
 
         # (1) VAE: the SiT runs in eval mode (its BatchNorm uses, and does not move, its running
-        # statistics) with its parameters frozen, so the alignment gradient stops at the VAE;
-        # the discriminator is frozen for the generator's adversarial term.
+        # statistics) with its parameters frozen, and the conv projectors (iREPA) frozen too, so
+        # the alignment gradient stops at the VAE; the discriminator is frozen for the
+        # generator's adversarial term.
         self.tokenizer.train()
         sit_was_training = self.sit.training
-        frozen = [p for p in (*self.sit.parameters(), *discriminator.parameters()) if p.requires_grad]
+        heads = self.heads.parameters() if self.heads_group is not None else ()
+        frozen = [p for p in (*self.sit.parameters(), *discriminator.parameters(), *heads) if p.requires_grad]
         self.sit.eval()
         for p in frozen:
             p.requires_grad_(False)
@@ -153,7 +163,7 @@ class REPAEMethod(DenoisingMethod):
             latents = self.sit.normalize_latents(z.float())  # running statistics (eval mode)
             t = noise.draw("t", lambda n, g: self.time_sampler(n, self.path, generator=g, device=device))
             x_t, _ = interpolate(self.path, latents, noise.normal("noise", tuple(latents.shape[1:])), t)
-            _, projections = self.sit(x_t, t, labels, align_only=True)
+            projections = self.vae_step_projections(x_t, t, labels)
             align = alignment_loss(projections, target_tokens, resample=self.resample_targets)
             generator_loss, parts = self.vae_loss.generator_loss(
                 pixels, reconstructions.float(), mean, logvar
@@ -179,6 +189,20 @@ class REPAEMethod(DenoisingMethod):
         # normalised by the batch's statistics as the SiT's BatchNorm does in train mode
         latents = self.normalize_by_batch(z.detach().float())
         yield self.model_loss(model, latents, labels, target_tokens, noise)
+        heads_loss = self.heads_loss()  # (4) the conv projectors, on the SiT step's hidden states
+        if heads_loss is not None:
+            yield heads_loss
+
+    def vae_step_projections(
+        self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """The frozen SiT's projections [(B, T, D_k)] for the VAE's alignment, the blocks after
+        the alignment block never run: REPA's MLP projectors (the model's align-only pass), or
+        iREPA's conv projectors on block align_depth's output."""
+        if self.conv_projectors is None:
+            return self.sit(x_t, t, labels, align_only=True)[1]
+        hidden = run_until_block(self.sit, self.align_depth, x_t, t, labels)  # (B, T, D)
+        return [projector(hidden) for projector in self.conv_projectors]
 
     @torch.no_grad()
     def normalize_by_batch(self, z: torch.Tensor) -> torch.Tensor:
@@ -221,9 +245,14 @@ class REPAEMethod(DenoisingMethod):
         bn.num_batches_tracked.add_(1)
 
     def state_dict(self) -> dict:
-        return {"vae": self.tokenizer.state_dict(), "discriminator": self.vae_loss.discriminator.state_dict()}
+        return {
+            **super().state_dict(),  # the heads, with --projector conv
+            "vae": self.tokenizer.state_dict(),
+            "discriminator": self.vae_loss.discriminator.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
         self.tokenizer.load_state_dict(state["vae"])
         self.vae_loss.discriminator.load_state_dict(state["discriminator"])
 
