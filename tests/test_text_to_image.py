@@ -382,3 +382,43 @@ def test_methods_with_their_own_forward_refuse_text_models(text_shards, tmp_path
         config = text_config(text_shards, tmp_path, method="sra")
         config.objective.sra_student_depth, config.objective.sra_teacher_depth = 1, 2
         train(config)
+
+
+def test_the_step_gives_each_image_its_own_caption():
+    """The denoising step passes the batch's caption embeddings and masks row for row (image i
+    with caption i) and no labels; the model reading them sees exactly the cached values."""
+    from repa.data.stream import Batch
+    from repa.models import create_model
+    from repa.tokenizers import create_tokenizer
+    from repa.train.methods.base import ParamGroup
+    from repa.train.methods.denoising import DenoisingMethod
+    from repa.train.randomness import StepNoise
+    from repa.transport import create_time_sampler
+
+    torch.manual_seed(0)
+    model = create_model(
+        "SiT-S/4", input_size=16, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=0,
+        context_dim=8, context_length=5, null_context="learned",
+    )  # fmt: skip
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen.update(labels=args[2], context=kwargs["context"], context_mask=kwargs["context_mask"])
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    group = ParamGroup("sit", model, torch.optim.SGD(model.parameters(), lr=0.0))
+    tokenizer = create_tokenizer("pixels", resolution=16)
+    method = DenoisingMethod(
+        tokenizer, [], "linear", create_time_sampler("uniform"), 0.0, group, text_conditioned=True
+    )
+    assert method.batch_fields(frozenset()) == {"images", "text"}
+    text = torch.randn(4, 5, 8).half()
+    mask = torch.tensor([[True] * (k + 1) + [False] * (4 - k) for k in range(4)])
+    batch = Batch(
+        images=torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8),
+        labels=torch.zeros(4, dtype=torch.long), moments=None, features=None, keys=list("abcd"), flipped=torch.zeros(4, dtype=torch.bool),
+        text=text, text_mask=mask,
+    )  # fmt: skip
+    loss = next(method.losses(model, batch, StepNoise(0, 4, "cpu")))
+    assert torch.isfinite(loss.loss) and seen["labels"] is None
+    assert torch.equal(seen["context"], text.float()) and torch.equal(seen["context_mask"], mask)
