@@ -416,8 +416,8 @@ def test_the_step_gives_each_image_its_own_caption():
     mask = torch.tensor([[True] * (k + 1) + [False] * (4 - k) for k in range(4)])
     batch = Batch(
         images=torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8),
-        labels=torch.zeros(4, dtype=torch.long), moments=None, features=None, keys=list("abcd"), flipped=torch.zeros(4, dtype=torch.bool),
-        text=text, text_mask=mask,
+        labels=torch.zeros(4, dtype=torch.long), moments=None, features=None, keys=list("abcd"),
+        flipped=torch.zeros(4, dtype=torch.bool), text=text, text_mask=mask,
     )  # fmt: skip
     loss = next(method.losses(model, batch, StepNoise(0, 4, "cpu")))
     assert torch.isfinite(loss.loss) and seen["labels"] is None
