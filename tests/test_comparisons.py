@@ -460,6 +460,41 @@ def test_quick_demo_with_seeds_and_arms_reports_bands_and_intervals(tmp_path):
     assert targets == {"latents_cached": False, "features_cached": False}
 
 
+@pytest.mark.slow
+def test_quick_demo_compares_the_objectives_as_arms(tmp_path):
+    """Issue 15: `repa demo --quick --arms sit,repa,reg,sra,dispersive`, one seed: each arm trains
+    with its own method (its own terms logged), every checkpoint is scored, and the report has each
+    arm's curve (plotted, in the table) and samples."""
+    from repa.cli import main
+    from repa.train.logging import read_metrics
+
+    arms = ["sit", "repa", "reg", "sra", "dispersive"]
+    output = tmp_path / "demo"
+    assert main(["demo", "--quick", "--arms", ",".join(arms), "--output", str(output)]) == 0
+    summary = json.loads((output / "summary.json").read_text())
+    report = (output / "report.md").read_text()
+    svg = (output / "report" / "fd_vs_step.svg").read_text()
+    with open(output / "report" / "curves.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert summary["arms"] == arms and set(summary["speedup"]) == set(arms)
+    own_terms = {
+        "sit": set(),
+        "repa": {"loss_align"},
+        "reg": {"loss_align", "loss_cls"},
+        "sra": {"loss_sra"},  # SRA and the dispersive loss as published: no teacher
+        "dispersive": {"loss_dispersive"},
+    }
+    for arm in arms:
+        curve = [row for row in rows if row["arm"] == arm]
+        assert [int(row["step"]) for row in curve] == [10, 20], arm  # every checkpoint scored
+        assert all(math.isfinite(float(row["fd"])) for row in curve), arm
+        assert f"<!-- {arm + ' (baseline)' if arm == 'sit' else arm} -->" in svg  # its line's legend
+        assert f"| {arm} | 20 | 1 |" in report
+        assert (output / "report" / f"samples_{arm}.png").is_file() and f"report/samples_{arm}.png" in report
+        logged = set(read_metrics(output / "runs" / arm)[-1]) & set().union(*own_terms.values())
+        assert logged == own_terms[arm], (arm, logged)
+
+
 def test_curves_command_says_when_the_speedup_interval_includes_one():
     from repa.commands.curves import describe_arm_speedup
 

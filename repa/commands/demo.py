@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--arms",
         default="sit,repa",
         help="comma-separated arms, the first the baseline: sit, repa, repa-random-teacher (REPA with "
-        "the teacher's architecture and random weights), repa-e, or any training method "
-        "(default sit,repa)",
+        "the teacher's architecture and random weights), repa-e, sra and dispersive (without the "
+        "teacher), or any training method, with the teacher (e.g. reg) (default sit,repa)",
     )
     parser.add_argument("--with-repa-e", action="store_true", help="also train a REPA-E run on a small VAE")
     parser.add_argument(

@@ -97,8 +97,9 @@ QUICK = DemoSize(
 )
 
 # An arm of the demo: a name -> config overrides ("section.field": value) on the demo's config.
-# "{teacher}" is the demo's teacher encoder, "{vae}" the small VAE REPA-E starts from. A registered
-# training method's name not listed here is an arm too: that method with the teacher.
+# "{teacher}" is the demo's teacher encoder, "{vae}" the small VAE REPA-E starts from,
+# "{align_depth}" and "{sra_teacher_depth}" block depths of the demo's size (see _substitutions).
+# A registered training method's name not listed here is an arm too: that method with the teacher.
 ARMS: dict[str, dict[str, object]] = {
     "sit": {"run.method": "sit", "encoder.encoder": "none"},
     "repa": {"run.method": "repa", "encoder.encoder": "{teacher}"},
@@ -110,6 +111,19 @@ ARMS: dict[str, dict[str, object]] = {
         "encoder.encoder": "{teacher}",
         "tokenizer.tokenizer": "{vae}",
         "model.name": "SiT-S/2",
+    },
+    # SRA and the dispersive loss as published: no external encoder, each against the plain SiT
+    # (with --encoder they add to REPA; train those with `repa train`)
+    "sra": {
+        "run.method": "sra",
+        "encoder.encoder": "none",
+        "objective.sra_student_depth": "{align_depth}",
+        "objective.sra_teacher_depth": "{sra_teacher_depth}",
+    },
+    "dispersive": {
+        "run.method": "dispersive",
+        "encoder.encoder": "none",
+        "objective.dispersive_weight": 0.5,  # the DDT code's default (temperature 1, its default too)
     },
 }
 DEFAULT_ARMS = ("sit", "repa")
@@ -260,7 +274,7 @@ def experiment_config(
     }
     for dotted, value in (overrides or {}).items():
         section, key = dotted.split(".")
-        values[section][key] = value
+        values.setdefault(section, {})[key] = value  # e.g. "objective", which the base leaves default
     return ExperimentConfig.from_dict(values)
 
 
@@ -333,7 +347,7 @@ def run_demo(options: DemoOptions) -> dict:
     timings["evaluator"] = time.perf_counter() - mark
 
     arms, seeds = options.arm_list(), list(range(options.seed, options.seed + options.seeds))
-    substitutions = {"{teacher}": encoder_spec}
+    substitutions = _substitutions(size, encoder_spec)
     if any("{vae}" in str(v) for arm in arms for v in arm_overrides(arm).values()):
         mark = time.perf_counter()
         _log(f"4/6 pretraining a small VAE for REPA-E ({size.vae_steps} steps)")
@@ -435,10 +449,20 @@ def _classify_fn(evaluator_cnn: torch.nn.Module):
     return classify
 
 
-def _substitute(value: object, substitutions: dict[str, str]) -> object:
+def _substitutions(size: DemoSize, encoder_spec: str) -> dict[str, object]:
+    """The placeholders of ARMS. SRA's blocks scaled to the demo's depth: the student at REPA's
+    tap (SRA for SiT-XL/2: 8 of 28, REPA's too), the teacher at 20/28 of the depth (SRA's 20),
+    deeper than the student."""
+    teacher = min(size.depth, max(size.align_depth + 1, round(size.depth * 20 / 28)))
+    return {"{teacher}": encoder_spec, "{align_depth}": size.align_depth, "{sra_teacher_depth}": teacher}
+
+
+def _substitute(value: object, substitutions: dict[str, object]) -> object:
     if isinstance(value, str):
+        if value in substitutions:  # the whole value: the replacement as it is (a block depth)
+            return substitutions[value]
         for placeholder, replacement in substitutions.items():
-            value = value.replace(placeholder, replacement)
+            value = value.replace(placeholder, str(replacement))
     return value
 
 
@@ -603,7 +627,7 @@ def write_report(output: Path, summary: dict) -> Path:
             f"{entry['factor']:.2f}x fewer steps"
         )
         if entry.get("low") is None:
-            text += "; one seed per arm, so no interval"
+            text += "; one seed per arm, so no interval."
         else:
             text += (
                 f", 95% interval [{entry['low']:.2f}, {entry['high']:.2f}] over seeds "
