@@ -46,6 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     build.add_argument("--encode-batch-size", type=int, default=64)
     build.add_argument(
+        "--ignore-disk-space",
+        action="store_true",
+        help="build even when the estimated output is larger than the free space of OUT's device",
+    )
+    build.add_argument(
         "--cache-text",
         metavar="ENCODER",
         default=None,
@@ -154,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
             latent_dtype=args.latent_dtype,
             cache_flipped_features=args.cache_flipped_features,
             encode_batch_size=args.encode_batch_size,
+            on_estimate=lambda estimate, free: print(estimate.describe(free), flush=True),
+            ignore_disk_space=args.ignore_disk_space,
         )
         print(
             f"{result.num_samples} samples -> {args.output}/{result.pattern} "

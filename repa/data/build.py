@@ -42,7 +42,7 @@ import tarfile
 import time
 import warnings
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -437,6 +437,8 @@ def build_shards(
     encode_batch_size: int = 64,
     shuffle_seed: int | None = 0,
     wait_timeout_s: float = 24 * 3600.0,
+    on_estimate: Callable[..., None] | None = None,
+    ignore_disk_space: bool = False,
     captions_file: str | None = None,
     text_encoder: Any = None,
 ) -> BuildResult:
@@ -448,6 +450,10 @@ def build_shards(
     shards carry their own). `text_encoder` (with `encode`, repa.text) adds `text.npy` and
     `text_mask.npy` per image and the null caption's beside the manifest.
     `workers` processes read, crop and PNG-encode images (0 or 1: in this process).
+    Before anything is written, the output's size is estimated per component and given to
+    `on_estimate(estimate, free bytes)` on the main process; a build whose missing shards would not
+    fit in the free space raises InsufficientDiskSpaceError unless `ignore_disk_space`
+    (repa.data.estimate).
     """
     if resolution <= 0 or shard_size <= 0 or encode_batch_size <= 0:
         raise ValueError(
@@ -517,6 +523,13 @@ def build_shards(
         else:
             pending.append((index, shard_items, fingerprint))
 
+    from repa.data.estimate import check_disk_space
+
+    check_disk_space(
+        items, output_dir, prefix, shard_size=shard_size, report=on_estimate if rank == 0 else None,
+        ignore=ignore_disk_space, resolution=resolution, tokenizer=tokenizer, encoder=encoder,
+        latent_dtype=latent_dtype, cache_flipped_features=cache_flipped_features,
+    )  # fmt: skip
     if pending:
         need_pixels = tokenizer is not None or encoder is not None
         pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
