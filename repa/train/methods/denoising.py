@@ -20,7 +20,6 @@ from repa.align import (
     alignment_loss,
     attention_distillation_loss,
     derangement,
-    dispersive_loss,
     resample_tokens,
     spatial_zscore,
     token_cosine,
@@ -28,11 +27,16 @@ from repa.align import (
 from repa.config import ExperimentConfig, ObjectiveOptions
 from repa.models.tread import gather_tokens
 from repa.train.methods.base import GroupLoss, MethodContext, ParamGroup, TrainingMethod
-from repa.train.methods.objectives import AttentionTaps, BlockTaps, check_objectives, heads_group
+from repa.train.methods.objectives import (
+    AttentionTaps,
+    BlockTaps,
+    add_objective_terms,
+    check_objectives,
+    heads_group,
+)
 from repa.train.optim import adamw, lr_at
 from repa.train.randomness import StepNoise
 from repa.transport import create_time_sampler, denoising_loss, interpolate
-from repa.transport.objective import velocity_direction_loss
 
 
 def model_group(context: MethodContext) -> ParamGroup:
@@ -368,15 +372,9 @@ class DenoisingMethod(TrainingMethod):
         metrics = {"loss_denoise": denoise.detach()}
         loss = denoise
         objective = self.objective
-        if objective.cos_loss_weight > 0:  # LightningDiT's velocity direction
-            direction = velocity_direction_loss(pred_velocity, target_velocity).mean()
-            loss = loss + objective.cos_loss_weight * direction
-            metrics["loss_cos"] = direction.detach()
-        if objective.dispersive_weight > 0:
-            hidden_state = hidden[objective.dispersive_depth or self.align_depth]
-            disperse = dispersive_loss(hidden_state, objective.dispersive_temperature)
-            loss = loss + objective.dispersive_weight * disperse
-            metrics["loss_dispersive"] = disperse.detach()
+        loss = add_objective_terms(
+            loss, metrics, objective, pred_velocity, target_velocity, hidden, self.align_depth
+        )
         if distilling:  # HASTE: mean over the block pairs of the attention cross-entropy
             student_logits, teacher_logits = self.student_attention.logits(attention), self._teacher_logits
             terms = []

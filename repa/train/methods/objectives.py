@@ -198,3 +198,31 @@ def heads_group(context: MethodContext, heads: nn.Module) -> ParamGroup:
         max_grad_norm=config.optim.max_grad_norm,
         learning_rate=lambda step: lr_at(step, config),
     )
+
+
+def add_objective_terms(
+    loss: torch.Tensor,
+    metrics: dict[str, torch.Tensor],
+    objective,
+    pred_velocity: torch.Tensor,
+    target_velocity: torch.Tensor,
+    hidden: dict,
+    align_depth: int,
+) -> torch.Tensor:
+    """`loss` plus the weighted terms the objective options ask for, each one's value logged in
+    `metrics`: LightningDiT's velocity direction (`loss_cos`) and the dispersive loss on block
+    --dispersive-depth, default the REPA tap (`loss_dispersive`). One place for both the
+    denoising and REG steps. hidden: block depth -> hidden tokens (B, T, D), from BlockTaps."""
+    from repa.align import dispersive_loss
+    from repa.transport.objective import velocity_direction_loss
+
+    if objective.cos_loss_weight > 0:
+        direction = velocity_direction_loss(pred_velocity, target_velocity).mean()
+        loss = loss + objective.cos_loss_weight * direction
+        metrics["loss_cos"] = direction.detach()
+    if objective.dispersive_weight > 0:
+        hidden_state = hidden[objective.dispersive_depth or align_depth]
+        disperse = dispersive_loss(hidden_state, objective.dispersive_temperature)
+        loss = loss + objective.dispersive_weight * disperse
+        metrics["loss_dispersive"] = disperse.detach()
+    return loss

@@ -27,7 +27,6 @@ from torch import nn
 from repa.align import (
     alignment_loss,
     derangement,
-    dispersive_loss,
     resample_tokens,
     spatial_zscore,
     token_cosine,
@@ -35,9 +34,9 @@ from repa.align import (
 from repa.config import ExperimentConfig
 from repa.train.methods.base import GroupLoss
 from repa.train.methods.denoising import DenoisingMethod, routed_targets
+from repa.train.methods.objectives import add_objective_terms
 from repa.train.randomness import StepNoise
 from repa.transport import denoising_loss, interpolate
-from repa.transport.objective import velocity_direction_loss
 
 
 class REGMethod(DenoisingMethod):
@@ -151,16 +150,9 @@ class REGMethod(DenoisingMethod):
             "loss_align": align.detach(),
             "loss_cls": class_denoise.detach(),
         }
-        objective = self.objective
-        if objective.cos_loss_weight > 0:  # LightningDiT's velocity direction, on the latent
-            direction = velocity_direction_loss(pred_velocity, target_velocity).mean()
-            loss = loss + objective.cos_loss_weight * direction
-            metrics["loss_cos"] = direction.detach()
-        if objective.dispersive_weight > 0:
-            hidden_state = hidden[objective.dispersive_depth or self.align_depth]
-            disperse = dispersive_loss(hidden_state, objective.dispersive_temperature)
-            loss = loss + objective.dispersive_weight * disperse
-            metrics["loss_dispersive"] = disperse.detach()
+        loss = add_objective_terms(
+            loss, metrics, self.objective, pred_velocity, target_velocity, hidden, self.align_depth
+        )
         for k, (h, z) in enumerate(zip(projections, target_tokens)):
             metrics[f"cos_sim_{k}"] = token_cosine(h.detach(), z).mean()  # over [CLS; patches]
         metrics["loss"] = loss.detach()
