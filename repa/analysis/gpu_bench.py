@@ -194,7 +194,7 @@ def time_training(config: GpuBenchConfig, device: torch.device, log: Callable[[s
             name = f"batch {batch_size}" + (" compiled" if compiled else "")
             batch = make_batch(replace(train_config, batch_size=batch_size), True, encoder.dim, generator)
             if device.type == "cuda":
-                batch = batch.pin_memory() if hasattr(batch, "pin_memory") else batch
+                batch = batch.pin_memory()
             step_flops = state.flops(replace(train_config, batch_size=batch_size))["step_flops"]
             clock = _Clock(device)
             step = lambda batch=batch, compiled=compiled: state.step(batch, "bf16", compiled)  # noqa: E731
