@@ -179,6 +179,29 @@ def _add(archive: tarfile.TarFile, name: str, data: bytes) -> None:
     archive.addfile(info, io.BytesIO(data))
 
 
+def test_size_estimate_counts_captions_and_cached_text_exactly(coco_source, text_encoder, tmp_path):
+    """The build's size estimate holds the captions and their cached embeddings and masks, to the
+    byte of the tar members the build writes (images are estimated, these are exact)."""
+    from repa.data.build import list_source
+    from repa.data.estimate import estimate_build_size, tar_member_size
+
+    folder, captions_file, _ = coco_source
+    items, _ = list_source(str(folder), captions_file=str(captions_file))
+    estimate = estimate_build_size(items, resolution=8, shard_size=2, text_encoder=text_encoder)
+    text_key = next(key for key in estimate.components if key.startswith("text "))
+    assert f"{MAX_LENGTH}x16 per caption" in text_key
+    out = tmp_path / "shards"
+    build_shards(str(folder), out, resolution=8, shard_size=2, workers=0, captions_file=str(captions_file),
+                 text_encoder=text_encoder)  # fmt: skip
+    written = {"captions": 0, "text": 0}
+    for sample in _samples(out):
+        written["captions"] += tar_member_size(len(sample[fmt.CAPTIONS]))
+        for member in (fmt.TEXT, fmt.TEXT_MASK):
+            written["text"] += tar_member_size(len(sample[member]))
+    assert estimate.components["captions (JSON)"] == written["captions"]
+    assert estimate.components[text_key] == written["text"]
+
+
 def test_build_from_captioned_tars_keeps_every_caption(tmp_path, text_encoder):
     """img2dataset style: jpg + txt (one caption per line) or json "caption"/"captions"; no classes."""
     (tmp_path / "in").mkdir()

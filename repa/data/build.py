@@ -528,7 +528,7 @@ def build_shards(
     check_disk_space(
         items, output_dir, prefix, shard_size=shard_size, report=on_estimate if rank == 0 else None,
         ignore=ignore_disk_space, resolution=resolution, tokenizer=tokenizer, encoder=encoder,
-        latent_dtype=latent_dtype, cache_flipped_features=cache_flipped_features,
+        latent_dtype=latent_dtype, cache_flipped_features=cache_flipped_features, text_encoder=text_encoder,
     )  # fmt: skip
     if pending:
         need_pixels = tokenizer is not None or encoder is not None

@@ -8,11 +8,13 @@ shards would not fit on the output's device (`--ignore-disk-space` builds anyway
 The estimate follows the shard layout: every tar member is a 512-byte header plus its data in
 whole 512-byte blocks. Label and key members are sized exactly, PNGs from `ESTIMATE_IMAGES`
 images spread over the source, and the cached arrays from what the tokenizer and encoder return
-for one image (their shapes do not depend on the image).
+for one image (their shapes do not depend on the image); captions exactly, and their cached text
+embeddings from one caption's (every caption is padded to the encoder's length).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from repa.data import shards as fmt
-from repa.data.build import SourceItem, _model_name, _prepare_image, _run_batched
+from repa.data.build import SourceItem, _model_name, _prepare_image, _run_batched, encode_captions
 
 TAR_BLOCK, TAR_RECORD = 512, 10240  # tarfile's block and record sizes (stream mode pads to a record)
 ESTIMATE_IMAGES = 32  # images PNG-encoded to estimate the image bytes
@@ -91,6 +93,7 @@ def estimate_build_size(
     encoder: Any = None,
     latent_dtype: str = "float32",
     cache_flipped_features: bool = False,
+    text_encoder: Any = None,
     missing: float = 1.0,
 ) -> SizeEstimate:
     """The bytes each component of a build of `items` will take (see the module docstring)."""
@@ -116,6 +119,19 @@ def estimate_build_size(
         mirror = ", and of the mirror" if copies > 1 else ""
         what = f"features {_model_name(encoder)} float16 {shape}{mirror}"
         components[what] = copies * tar_member_size(len(fmt.npy_bytes(tokens))) * len(items)
+    if items[0].captions:
+        captions = sum(tar_member_size(len(json.dumps(list(item.captions)).encode())) for item in items)
+        components["captions (JSON)"] = captions
+    if text_encoder is not None:
+        embeddings, _ = encode_captions(text_encoder, [items[0].captions[0]], 1)  # (1, L, D)
+        length, width = embeddings.shape[1:]
+        per_count: dict[int, int] = {}  # captions per image -> bytes of its two members
+        for count in {len(item.captions) for item in items}:
+            per_count[count] = tar_member_size(
+                len(fmt.npy_bytes(np.zeros((count, length, width), np.float16)))
+            ) + tar_member_size(len(fmt.npy_bytes(np.zeros((count, length), bool))))
+        what = f"text {_model_name(text_encoder)} float16 {length}x{width} per caption, and its mask"
+        components[what] = sum(per_count[len(item.captions)] for item in items)
     num_shards = -(-len(items) // shard_size)
     # Stream mode ends a shard with two zero blocks and pads it to a whole record (half a record
     # on average).
