@@ -141,6 +141,63 @@ def test_a_text_model_without_captions_is_refused(trained, tmp_path, capsys):
     assert "--prompts FILE.txt" in capsys.readouterr().err
 
 
+def test_eval_every_scores_a_text_model_on_its_reference_captions(text_shards, tmp_path, monkeypatch):
+    """--eval-every on a text model samples one image per caption of --eval-ref (captioned shards,
+    as REPA scores COCO val2014) and scores them against those shards' images."""
+    from repa.eval import captions as eval_captions
+    from repa.eval import metrics as eval_metrics
+    from repa.eval.frechet import gaussian_of
+    from repa.eval.metrics import Evaluator
+
+    features = torch.nn.Linear(3, 4)
+
+    def feature_fn(images):  # a demo-style feature space: no Inception weights offline
+        return features(images.float().mean(dim=(2, 3))).double().detach()
+
+    original_init, read = eval_metrics.Evaluator.__init__, eval_captions.captions_from_shards
+    sources = []
+
+    def with_features(self, metrics, **kwargs):
+        original_init(self, metrics, feature_fn=feature_fn, **kwargs)
+
+    def recording(shards, limit=None, model=None):
+        sources.append((shards, limit))
+        return read(shards, limit, model)
+
+    monkeypatch.setattr(eval_metrics.Evaluator, "__init__", with_features)
+    monkeypatch.setattr(eval_captions, "captions_from_shards", recording)
+    config = text_config(text_shards, tmp_path, max_train_steps=4, checkpointing_steps=4)
+    config.run.eval_every, config.run.eval_ref, config.run.eval_num_samples = 2, text_shards, 8
+    config.run.eval_metrics, config.run.eval_num_steps = "fd", 2
+    result = train(config)
+    evals = [record for record in read_metrics(result.run_dir) if "eval/fd" in record]
+    assert [record["step"] for record in evals] == [2, 4] and all(record["eval/fd"] > 0 for record in evals)
+    assert sources == [(text_shards, 8)]  # read once, at start-up
+
+    # the reference is the caption set's images, all 32 of them
+    from repa.data.stream import iter_eval_batches
+
+    images = torch.cat(
+        [batch.images for batch in iter_eval_batches(text_shards, batch_size=8, with_images=True)]
+    )
+    reference = Evaluator(["fd"], cache_dir=False, device="cpu").reference(text_shards)
+    expected = gaussian_of(feature_fn(images))
+    (gaussian,) = reference.gaussians.values()
+    assert (
+        images.shape[0] == 32
+        and np.allclose(gaussian.mu, expected.mu)
+        and np.allclose(gaussian.sigma, expected.sigma)
+    )
+
+    # with statistics as --eval-ref the training shards' captions are drawn; too few is an error
+    config.run.eval_ref, config.run.eval_num_samples = str(tmp_path / "ref_stats.npz"), 33
+    with pytest.raises(ValueError, match="--eval-num-samples 33: a text model samples one image per caption"):
+        from repa.train.loop import _eval_captions
+
+        _eval_captions(config)
+    assert sources[-1] == (text_shards, 33)
+
+
 def test_caption_dropout_one_makes_the_model_ignore_the_text():
     """With every caption dropped (probability 1) the step sees only the null caption: two
     different captions give the same prediction, and the loss is that of the null caption."""

@@ -169,6 +169,7 @@ def evaluate_model(
     device: torch.device | str | None = None,
     rank: int = 0,
     world_size: int = 1,
+    captions: tuple[torch.Tensor, torch.Tensor | None, list[str]] | None = None,
 ) -> dict[str, float]:
     """Score an in-memory SiT (e.g. the EMA model during training, `--eval-every`).
 
@@ -176,11 +177,14 @@ def evaluate_model(
     the result as `ref`, so each call pays only for sampling and sample features. The model's
     train/eval mode is restored afterwards. rank / world_size: spread over the processes of
     torch.distributed's default group, all of which call this (see `evaluate_generator`).
+    captions: a text model's (embeddings (N, L, D), mask (N, L), texts), sample i drawing caption i.
     """
     was_training = model.training
     model.eval()
     try:
         generator = Generator(model, tokenizer, resolution, path_type)
+        if captions is not None:
+            generator, labels = generator.with_captions(*captions), "ordered"
         with torch.no_grad():
             return evaluate_generator(
                 generator,

@@ -370,7 +370,8 @@ def _train(config: ExperimentConfig, cleanup: contextlib.ExitStack) -> TrainResu
     )
     periodic_eval = None
     if config.run.eval_every:
-        periodic_eval = make_periodic_eval(config, tokenizer, device, rank, world)
+        text_model = bool(getattr(model.config, "context_dim", 0))
+        periodic_eval = make_periodic_eval(config, tokenizer, device, rank, world, text_model=text_model)
     stop = _StopFlag()
     progress = None
     if accelerator.is_main_process:
@@ -538,12 +539,22 @@ def _train(config: ExperimentConfig, cleanup: contextlib.ExitStack) -> TrainResu
     )
 
 
-def make_periodic_eval(config: ExperimentConfig, tokenizer, device, rank: int = 0, world_size: int = 1):
+def make_periodic_eval(
+    config: ExperimentConfig,
+    tokenizer,
+    device,
+    rank: int = 0,
+    world_size: int = 1,
+    *,
+    text_model: bool = False,
+):
     """`--eval-every`: score the EMA model with the same code as `repa curves`, at a smaller
     sample count, spread over every rank (each samples its share and computes its features; rank
     0 scores the gathered set). The evaluator is built once, at start-up, on every rank, and the
     reference statistics on rank 0, which alone scores, so a missing Inception file or reference
-    set fails before training starts."""
+    set fails before training starts. A text model samples one image per caption: the first
+    captions of --eval-ref when it is captioned shards (COCO val2014's, as REPA scores), else of
+    the training shards."""
     from repa.eval.curves import evaluate_model
     from repa.eval.metrics import Evaluator
 
@@ -551,15 +562,36 @@ def make_periodic_eval(config: ExperimentConfig, tokenizer, device, rank: int = 
     evaluator = Evaluator(run.eval_metrics.split(","), device=device)
     reference = evaluator.reference(run.eval_ref) if rank == 0 else None
     settings = _sampler_for(config, run.eval_num_steps, run.eval_cfg_scale)
+    captions = _eval_captions(config) if text_model else None
 
     def evaluate(model) -> dict[str, float]:
         return evaluate_model(
             model, tokenizer, resolution=config.data.resolution, num_samples=run.eval_num_samples,
             ref=reference, evaluator=evaluator, settings=settings, path_type=config.transport.path_type,
-            seed=run.seed, device=device, rank=rank, world_size=world_size,
+            seed=run.seed, device=device, rank=rank, world_size=world_size, captions=captions,
         )  # fmt: skip
 
     return evaluate
+
+
+def _eval_captions(config: ExperimentConfig) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The captions --eval-every samples: --eval-ref's when it holds cached captions, else the
+    training shards'; --eval-num-samples of them, (N, L, D), (N, L) and the N texts."""
+    from repa.data.shards import locate_manifest, read_manifest
+    from repa.eval.captions import captions_from_shards
+
+    source, ref = config.data.data, config.run.eval_ref
+    manifest_path = locate_manifest(ref) if Path(ref).is_dir() else None
+    captioned = manifest_path is not None and Path(manifest_path).exists()
+    if captioned and "text" in read_manifest(manifest_path).get("fields", {}):
+        source = ref
+    embeddings, mask, texts = captions_from_shards(source, config.run.eval_num_samples)
+    if len(texts) < config.run.eval_num_samples:
+        raise ValueError(
+            f"--eval-num-samples {config.run.eval_num_samples}: a text model samples one image per caption "
+            f"and {source} has {len(texts)} captioned images; lower --eval-num-samples"
+        )
+    return embeddings, mask, texts
 
 
 def _sampler_for(config: ExperimentConfig, num_steps: int, cfg_scale: float):
