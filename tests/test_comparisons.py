@@ -26,6 +26,7 @@ from repa.eval.stats import (
     bootstrap_interval,
     crossing_step,
     mean_interval,
+    proportion_interval,
     speedup_interval,
     t_cdf,
     t_interval,
@@ -64,6 +65,24 @@ def test_t_quantiles_and_t_interval_on_fixed_numbers():
             assert t_cdf(x, df) == pytest.approx(stats.t.cdf(x, df), abs=1e-12)
     low, high = stats.t.interval(0.95, 2, loc=np.mean(values), scale=stats.sem(values))
     assert (interval.low, interval.high) == pytest.approx((low, high), abs=1e-10)
+
+
+def test_proportion_interval_is_wilsons():
+    """Wilson's interval: the p with (x/n - p)^2 = z^2 p (1 - p) / n, z the normal 97.5% quantile;
+    (5, 10) and (0, 10) also against the textbook digits."""
+    z = 1.959963984540054
+    for successes, trials in ((5, 10), (0, 10), (19, 512), (3, 512), (512, 512)):
+        share = successes / trials
+        # (1 + z^2/n) p^2 - (2 share + z^2/n) p + share^2 = 0
+        roots = np.sort(np.roots([1 + z * z / trials, -(2 * share + z * z / trials), share * share]).real)
+        interval = proportion_interval(successes, trials)
+        assert (interval.low, interval.high) == pytest.approx(tuple(roots), abs=1e-9), (successes, trials)
+        assert interval.mean == share and interval.method == "wilson"
+    assert (proportion_interval(5, 10).low, proportion_interval(0, 10).high) == pytest.approx(
+        (0.2366, 0.2775), abs=1e-4
+    )
+    with pytest.raises(ValueError, match="successes <= trials"):
+        proportion_interval(11, 10)
 
 
 def test_bootstrap_interval_against_numpy_and_the_choice_by_seed_count():

@@ -3,6 +3,7 @@
     interval = mean_interval([20.1, 21.4, 19.8])         # t-interval (2-4 values), bootstrap (>= 5)
     interval.low, interval.high                          # None for a single value: no interval
     speedup_interval(steps, base_curves, arm_curves)     # factor and its bootstrap interval over seeds
+    proportion_interval(19, 512)                         # Wilson interval of a share (one seed)
 
 Nothing here needs scipy: Student's t quantiles come from the exact closed-form CDF for integer
 degrees of freedom (inverted by bisection), so the intervals agree with scipy.stats.t to ~1e-10.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from statistics import NormalDist
 
 import numpy as np
 
@@ -87,7 +89,7 @@ class Interval:
     low: float | None
     high: float | None
     n: int
-    method: str  # "t", "bootstrap" or "none"
+    method: str  # "t", "bootstrap", "wilson" (a proportion) or "none"
     confidence: float = 0.95
 
     @property
@@ -138,6 +140,19 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95, *, seed: in
     if len(values) >= BOOTSTRAP_FROM:
         return bootstrap_interval(values, confidence, seed=seed)
     return t_interval(values, confidence)
+
+
+def proportion_interval(successes: int, trials: int, confidence: float = 0.95) -> Interval:
+    """Wilson's score interval of a share `successes / trials` (e.g. prompts followed out of those
+    sampled): unlike the normal approximation it stays inside [0, 1] and does not collapse to a
+    point at 0 or `trials` successes, which matters for shares near chance of a few percent."""
+    if trials <= 0 or not 0 <= successes <= trials:
+        raise ValueError(f"need 0 <= successes <= trials and trials > 0, got {successes}, {trials}")
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    share = successes / trials
+    centre = (share + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z / (1 + z * z / trials) * math.sqrt(share * (1 - share) / trials + z * z / (4 * trials * trials))
+    return Interval(share, max(0.0, centre - half), min(1.0, centre + half), trials, "wilson", confidence)
 
 
 # ---- the speed-up factor -------------------------------------------------------------------------
