@@ -307,8 +307,14 @@ def test_text_demo_quick_reports_prompt_accuracy(tmp_path):
     }
     for row in summary["rows"]:
         assert 0.0 <= row["prompt_accuracy"] <= min(row[f"{name}_accuracy"] for name in ("shape", "colour"))
+        assert row["prompt_accuracy_low"] <= row["prompt_accuracy"] <= row["prompt_accuracy_high"]
         assert row["fd"] > 0
-    assert "prompt accuracy" in (tmp_path / "report.md").read_text()
+    last = {row["arm"]: row for row in summary["rows"] if row["step"] == 20}
+    assert summary["above_chance"] == {
+        arm: row["prompt_accuracy_low"] > summary["chance_prompt_accuracy"] for arm, row in last.items()
+    }
+    report = (tmp_path / "report.md").read_text()
+    assert "prompt accuracy [95%]" in report and "At the last step" in report
     assert all(Path(path).is_file() for path in summary["grids"].values())
 
 

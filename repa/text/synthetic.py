@@ -110,15 +110,15 @@ def render_captioned_image(
     image = np.repeat((low + (high - low) * ramp)[..., None], 3, axis=2).astype(np.float32)
     image += rng.normal(0.0, 0.03, size=image.shape).astype(np.float32)
     # the shape in its quadrant, jittered, sized to stay inside it
-    size = rng.uniform(0.14, 0.19)
-    centre = np.asarray(POSITIONS[attributes["position"]]) + rng.uniform(-0.04, 0.04, size=2)
+    size = rng.uniform(0.17, 0.21)  # large enough that a cross's arm shows its texture at 32 px
+    centre = np.asarray(POSITIONS[attributes["position"]]) + rng.uniform(-0.03, 0.03, size=2)
     rotation = rng.uniform(-0.25, 0.25)
     du, dv = (x - centre[0]) / size, (y - centre[1]) / size
     u = np.cos(rotation) * du + np.sin(rotation) * dv
     v = -np.sin(rotation) * du + np.cos(rotation) * dv
     distance = _signed_distance(attributes["shape"], u, v)
     alpha = np.clip(0.5 - distance * size * resolution, 0.0, 1.0)[..., None]  # (R, R, 1), soft edge
-    period = 0.45  # in shape units
+    period = 0.6  # in shape units: about 3.5 px at 32 px, so texture survives the 4-px patches
     if attributes["texture"] == "striped":
         shade = np.where(np.sin(np.pi * (u + v) / period) > 0, 1.0, 0.45)
     elif attributes["texture"] == "checkered":
