@@ -118,7 +118,7 @@ def render_captioned_image(
     v = -np.sin(rotation) * du + np.cos(rotation) * dv
     distance = _signed_distance(attributes["shape"], u, v)
     alpha = np.clip(0.5 - distance * size * resolution, 0.0, 1.0)[..., None]  # (R, R, 1), soft edge
-    period = 0.6  # in shape units: about 3.5 px at 32 px, so texture survives the 4-px patches
+    period = 0.6  # in shape units: about 3.5 px at 32 px
     if attributes["texture"] == "striped":
         shade = np.where(np.sin(np.pi * (u + v) / period) > 0, 1.0, 0.45)
     elif attributes["texture"] == "checkered":
