@@ -18,6 +18,7 @@ from repa.cli import main
 from repa.data import shards as fmt
 from repa.data.build import build_shards
 from repa.data.stream import caption_index, iter_eval_batches, make_train_stream
+from tests.tiny_text import write_clip_tokenizer, write_tiny_bert
 
 MAX_LENGTH = 12
 WORDS = "a an the red green blue circle square cross top bottom left right of at in with stripes dots picture"
@@ -26,25 +27,7 @@ WORDS = "a an the red green blue circle square cross top bottom left right of at
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
     """A transformers folder (config, tokenizer, random weights) that `from_pretrained` reads."""
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS.split(), *"0123456789"]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = transformers.BertTokenizerFast(
-        str(folder / "vocab.txt")
-    )  # positional: v4 and v5 names differ
-    assert tokenizer.unk_token_id not in tokenizer("a red circle 7")["input_ids"]  # the vocabulary is read
-    tokenizer.save_pretrained(folder)
-    config = transformers.BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    transformers.BertModel(config).save_pretrained(folder)
-    return folder
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), [*WORDS.split(), *"0123456789"])
 
 
 @pytest.fixture(scope="module")
@@ -343,19 +326,7 @@ def test_clip_text_features_are_u_vits_run_without_the_mask(tmp_path):
     from repa.text import create_text_encoder
 
     words = ["a", "red", "circle", "blue", "square"]
-    vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}
-    vocab.update({f"{c}</w>": len(vocab) + i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")})
-    merges = ["#version: 0.2"]
-    for word in words[1:]:  # BPE merges that build each word from its letters
-        parts = [*word[:-1], word[-1] + "</w>"]
-        while len(parts) > 1:
-            merges.append(f"{parts[0]} {parts[1]}")
-            vocab.setdefault(parts[0] + parts[1], len(vocab))
-            parts = [parts[0] + parts[1], *parts[2:]]
-    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "merges.txt").write_text("\n".join(merges) + "\n")
-    tokenizer = transformers.CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    tokenizer, vocab = write_clip_tokenizer(tmp_path, words)
     tokenizer.save_pretrained(tmp_path)
     config = transformers.CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,

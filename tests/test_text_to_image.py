@@ -16,6 +16,7 @@ from repa.config import ExperimentConfig
 from repa.train.logging import read_metrics
 from repa.train.loop import train
 from tests.test_train import assert_states_equal, final_state
+from tests.tiny_text import write_clip_tokenizer, write_tiny_bert
 
 RESOLUTION = 16
 MAX_LENGTH = 12
@@ -28,17 +29,7 @@ WORDS = (
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
     """A transformers folder (config, tokenizer, random weights) with the synthetic captions' words."""
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS.split()]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    transformers.BertTokenizerFast(str(folder / "vocab.txt")).save_pretrained(folder)
-    config = transformers.BertConfig(
-        vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=32,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    transformers.BertModel(config).save_pretrained(folder)
-    return folder
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), WORDS.split())
 
 
 @pytest.fixture(scope="module")
@@ -339,23 +330,10 @@ def test_prompt_accuracy_counts_all_four_attributes():
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """A transformers CLIPModel folder (BPE tokenizer, image processor, random weights) at 16 px."""
-    import json
 
     folder = tmp_path_factory.mktemp("tiny_clip")
     words = ["a", "red", "disk", "blue", "cross"]
-    vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}
-    vocab.update({f"{c}</w>": len(vocab) + i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")})
-    merges = ["#version: 0.2"]
-    for word in words[1:]:  # BPE merges that build each word from its letters
-        parts = [*word[:-1], word[-1] + "</w>"]
-        while len(parts) > 1:
-            merges.append(f"{parts[0]} {parts[1]}")
-            vocab.setdefault(parts[0] + parts[1], len(vocab))
-            parts = [parts[0] + parts[1], *parts[2:]]
-    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("\n".join(merges) + "\n")
-    tokenizer = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    tokenizer, vocab = write_clip_tokenizer(folder, words)
     images = transformers.CLIPImageProcessor(
         size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
     )
