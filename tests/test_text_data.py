@@ -89,15 +89,12 @@ def test_build_from_coco_json_caches_each_captions_embedding_and_mask(
 ):
     folder, captions_file, expected = coco_source
     out = tmp_path / "shards"
-    result = build_shards(
-        str(folder),
-        out,
-        resolution=8,
-        shard_size=2,
-        workers=0,
-        captions_file=str(captions_file),
-        text_encoder=text_encoder,
-    )
+
+    def build():
+        return build_shards(str(folder), out, resolution=8, shard_size=2, workers=0,
+                            captions_file=str(captions_file), text_encoder=text_encoder)  # fmt: skip
+
+    result = build()
     assert result.num_samples == 5 and len(result.shards_written) == 3
     manifest = fmt.read_manifest(str(out / fmt.MANIFEST_NAME))
     assert manifest["num_samples"] == 5 and manifest["num_captions"] == 1 + 2 + 3 + 1 + 2
@@ -130,28 +127,12 @@ def test_build_from_coco_json_caches_each_captions_embedding_and_mask(
     np.testing.assert_allclose(null_embedding.astype(np.float32), reference, rtol=2e-3, atol=2e-3)
 
     # rebuilding finds every shard complete; a changed caption rebuilds (the fingerprint holds captions)
-    again = build_shards(
-        str(folder),
-        out,
-        resolution=8,
-        shard_size=2,
-        workers=0,
-        captions_file=str(captions_file),
-        text_encoder=text_encoder,
-    )
+    again = build()
     assert len(again.shards_skipped) == 3
     table = json.loads(captions_file.read_text())
     table["annotations"][0]["caption"] = "a blue square"
     captions_file.write_text(json.dumps(table))
-    changed = build_shards(
-        str(folder),
-        out,
-        resolution=8,
-        shard_size=2,
-        workers=0,
-        captions_file=str(captions_file),
-        text_encoder=text_encoder,
-    )
+    changed = build()
     assert len(changed.shards_written) == 1
 
 
