@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from repa.demo.pipeline import DemoOptions, DemoSize, _log, arm_overrides, experiment_config
+from repa.demo.pipeline import QUICK, DemoOptions, DemoSize, _log, arm_overrides, experiment_config
 from repa.text.synthetic import ATTRIBUTES, COLOURS, POSITIONS, SHAPES, TEXTURES, prompt_attributes
 
 # the values of each attribute, in the evaluator's head order
@@ -74,23 +74,10 @@ TEXT_FULL = TextDemoSize(
     train_steps=1500,
     checkpoint_every=500,
 )
+# the class demo's quick sizes (its model, steps and batch), with the text demo's own fields
 TEXT_QUICK = TextDemoSize(
-    train_images=256,
-    evaluator_images=256,
-    reference_images=64,
-    shard_size=64,
-    teacher_steps=20,
-    evaluator_steps=30,
-    hidden_size=32,
-    depth=2,
-    num_heads=2,
-    align_depth=1,
-    projector_dim=32,
-    batch_size=16,
-    train_steps=20,
-    checkpoint_every=10,
+    **{**dataclasses.asdict(QUICK), "reference_images": 64, "shard_size": 64, "teacher_steps": 20},
     eval_prompts=32,
-    sample_steps=4,
     grid_seeds=2,
 )
 
